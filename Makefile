@@ -1,0 +1,25 @@
+# Two entry points for newcomers (see README):  make speedrun   and   make test
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0   # CPU wheel; GPU users: see docs/install.md
+OUT ?= runs/speedrun
+
+.PHONY: setup speedrun test clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q "$(strip $(TORCH_PIN))"
+	$(BIN)/python -m pip install -q -e ".[test]"
+
+speedrun: setup
+	$(BIN)/kfoundry speedrun --out $(OUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

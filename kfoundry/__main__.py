@@ -1,0 +1,5 @@
+import sys
+
+from kfoundry.cli import main
+
+sys.exit(main())
