@@ -1,0 +1,120 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p, stop tokens, batches.
+
+Prompts of different lengths are left-padded so that every row's next token sits in the same column; padded
+positions are masked out of attention and each row keeps its own position ids, so a padded row computes
+exactly what it would alone. The cache is filled once by a prefill pass, then each decode step feeds one token
+per row and attends to everything cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from kfoundry.model.llama import KVCache, Transformer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+    """One token id per row from logits [B, V]."""
+    if p.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / p.temperature
+    if p.top_k > 0:
+        kth = torch.topk(logits, min(p.top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        # Keep the smallest set of tokens whose probability mass reaches top_p (always at least the best one).
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > p.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams | None = None, *,
+             stop_ids: Iterable[int] = (), pad_id: int = 0,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Continue each prompt; returns the new token ids per row (a stop token ends its row and is not returned).
+
+    on_token(row, token_id) is called as each token is chosen, for streaming.
+    """
+    params = params or SamplingParams()
+    params.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (start it with BOS)")
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    B = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    T = int(lengths.max())
+    total = T + params.max_new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({params.max_new_tokens}) exceeds the model context "
+                         f"({model.cfg.max_seq_len})")
+    idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    valid = torch.arange(T, device=device)[None, :] >= (T - lengths)[:, None]  # [B, T] real (non-pad) positions
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    padded = bool((lengths != T).any())
+
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    stop = set(stop_ids)
+    cache = KVCache(model.cfg, B, total, device, dtype)
+
+    # Prefill: causal within the prompt, and never attend to padding.
+    mask = None
+    if padded:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = causal[None, None] & valid[:, None, None, :]
+        mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]  # pad rows attend to themselves
+    logits = model(idx, positions=positions, attn_mask=mask, cache=cache)[:, -1]
+
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = lengths.clone()
+    key_valid = valid
+    for step in range(params.max_new_tokens):
+        tok = sample_next(logits, params, gen)
+        for i in range(B):
+            if done[i]:
+                continue
+            t = int(tok[i])
+            if t in stop:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if on_token:
+                on_token(i, t)
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            break  # no forward pass for a token nobody will use
+        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        step_mask = key_valid[:, None, None, :] if padded else None
+        logits = model(tok[:, None], positions=next_pos[:, None], attn_mask=step_mask, cache=cache)[:, -1]
+        next_pos = next_pos + 1
+    return out

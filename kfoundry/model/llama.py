@@ -1,0 +1,256 @@
+"""A Llama-style decoder-only transformer in one file.
+
+Architectural choices (each is the Llama-2/3 default unless noted):
+- Pre-norm residual blocks with RMSNorm (Zhang & Sennrich 2019): cheaper than LayerNorm, no mean/bias.
+- Rotary position embeddings (Su et al. 2021) in the Hugging Face `rotate_half` layout: the head dimension is
+  split into two halves (not interleaved pairs), so our weights load into `LlamaForCausalLM` unchanged.
+- Grouped-query attention (Ainslie et al. 2023): `n_kv_heads` key/value heads shared by groups of query heads,
+  which shrinks the KV cache at decode time by n_heads / n_kv_heads.
+- SwiGLU MLP (Shazeer 2020): down(silu(gate(x)) * up(x)).
+- No biases anywhere; optional tied input/output embeddings (saves vocab x dim parameters on small models).
+- Optional QK-norm (RMSNorm over each head of q and k, as in OLMo-2 / Qwen-3) for training stability at high
+  learning rates. Hugging Face Llama has no such weights, so a QK-norm model cannot be exported as Llama.
+- Attention through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels where available).
+
+Parameter names map 1:1 onto Hugging Face `LlamaForCausalLM` (`model.layers.3.self_attn.q_proj.weight`, ...),
+so export and import are renames-free. The model knows nothing about parallelism or checkpoints: sharding,
+compilation and saving are applied from outside (torchtitan's rule).
+
+Initialisation is explicit: build on the meta device (no memory, no time), move to a real device with
+`to_empty`, then call `init_weights()`. This is what lets FSDP shard a model that would not fit on one device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfoundry.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32 (as HF does) so bf16 training keeps its precision here."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of shape [B, T, head_dim] for integer positions [B, T] (HF layout: the two halves repeat)."""
+    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2], computed in fp32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos/sin: [B, T, D] -> broadcast over heads
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Pre-allocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each.
+
+    `length` is how many positions are filled; all rows advance together (left-padded prompts keep them aligned).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if attn_mask is None:
+            # Causal when queries and keys line up (training, or a prefill into an empty cache);
+            # a single decode step may attend to every cached position.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, blocks and final norm: the part HF calls `model` (hence the attribute name below)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Not a parameter and not saved: it is a pure function of the config, recomputed in init_weights.
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    # -- initialisation ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) for embeddings and projections; residual outputs (o_proj, down_proj) are scaled by
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth (GPT-2, §2.3)."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=self.inv_freq.device))
+        if self.cfg.tie_embeddings:  # moving off the meta device can break the tie; restore it
+            self.lm_head.weight = self.model.embed_tokens.weight
+        nn.init.normal_(self.model.embed_tokens.weight, 0.0, std, generator=gen)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, 0.0, std, generator=gen)
+        for block in self.model.layers:
+            a, m = block.self_attn, block.mlp
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+                nn.init.normal_(lin.weight, 0.0, std, generator=gen)
+            for lin in (a.o_proj, m.down_proj):
+                nn.init.normal_(lin.weight, 0.0, out_std, generator=gen)
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = None) -> "Transformer":
+        """Meta-device construction, then allocation and explicit initialisation."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        model.init_weights(seed=seed)
+        return model
+
+    # -- forward -------------------------------------------------------------------------------------------
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, reduction: str = "mean"):
+        """Logits [B, T, V], or the cross-entropy loss when `targets` is given (ignore_index = -1).
+
+        positions: [B, T] integer positions (default: 0..T-1, offset by the cache length).
+        attn_mask: boolean [B, 1, T, S] (True = may attend), needed only for padded batches.
+        """
+        B, T = idx.shape
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        x = self.model.embed_tokens(idx)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, attn_mask, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
+
+    # -- accounting ----------------------------------------------------------------------------------------
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied matrix counts once)."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 per weight of every matmul, the output
+        head included even when tied (it is still a matmul), plus attention scores and values,
+        12 * layers * heads * head_dim * seq_len (PaLM appendix B; nanochat's estimate)."""
+        c = self.cfg
+        T = seq_len or c.max_seq_len
+        per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim
+        per_layer += 3 * c.dim * c.ffn_dim
+        matmul_params = c.n_layers * per_layer + c.dim * c.vocab_size
+        return 6.0 * matmul_params + 12.0 * c.n_layers * c.n_heads * c.head_dim * T
