@@ -1,0 +1,43 @@
+"""Run-directory steps shared by `pretrain` and `speedrun`: make the tokenizer and the shards a run needs,
+once. A step whose output already exists is skipped, so re-running a command (or resuming) redoes nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kfoundry.config import RunConfig
+
+
+def ensure_tokenizer(run_dir: Path, cfg: RunConfig, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    from kfoundry.corpus import CorpusStats, iter_documents
+    from kfoundry.tokenizer import train_tokenizer
+
+    tok_dir = Path(run_dir) / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        return tok_dir
+    d = cfg.data
+    log(f"training a {d.vocab_size}-token BPE tokenizer on corpus {d.corpus!r}")
+    stats = CorpusStats()
+    texts = (doc.text for doc in iter_documents(d.corpus, stats, max_chars_per_doc=d.max_chars_per_doc))
+    tok = train_tokenizer(texts, d.vocab_size, max_chars_per_doc=d.max_chars_per_doc,
+                          max_total_chars=d.max_total_chars)
+    tok.save(tok_dir)
+    return tok_dir
+
+
+def ensure_shards(run_dir: Path, cfg: RunConfig, tok_dir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    from kfoundry.corpus import CorpusStats, iter_documents
+    from kfoundry.data.shards import write_shards
+    from kfoundry.tokenizer import KTokenizer
+
+    shard_dir = Path(run_dir) / "shards"
+    if (shard_dir / "meta.json").is_file():
+        return shard_dir
+    d = cfg.data
+    log(f"tokenizing corpus {d.corpus!r} into {shard_dir}")
+    stats = CorpusStats()
+    docs = iter_documents(d.corpus, stats, max_chars_per_doc=d.max_chars_per_doc, seed=cfg.train.seed)
+    write_shards(docs, KTokenizer.load(tok_dir), shard_dir, val_fraction=d.val_fraction, seed=cfg.train.seed,
+                 stats=stats)
+    return shard_dir
