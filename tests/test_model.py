@@ -138,3 +138,17 @@ def test_generation_refuses_too_long_and_empty_prompts():
         generate(model, [[1] * 60], SamplingParams(max_new_tokens=10))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[]], SamplingParams(max_new_tokens=1))
+
+
+def test_multi_token_step_after_cache_equals_full_forward():
+    """Feeding several tokens into a non-empty cache (chunked prefill) must stay causal, bottom-right aligned."""
+    from kfoundry.model.llama import KVCache
+
+    model = Transformer.build(CONFIGS["gqa-tied"], seed=8).eval()
+    seq = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        full = model(seq)
+        cache = KVCache(model.cfg, 2, 32, "cpu", torch.float32)
+        first = model(seq[:, :8], cache=cache)
+        rest = model(seq[:, 8:], cache=cache)
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)

@@ -115,15 +115,20 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads / n_kv_heads query heads
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        # GQA: each kv head serves n_heads / n_kv_heads query heads. enable_gqa lets SDPA broadcast the shared
+        # heads instead of materialising repeated copies of k and v (a full copy of the cache at every decode step).
+        gqa = self.n_kv_heads != self.n_heads
+        S = k.shape[2]
+        if attn_mask is None and 1 < T < S:
+            # Several new tokens after a non-empty cache: SDPA's is_causal aligns the mask top-left, but our
+            # queries are the *last* T positions, so build the bottom-right aligned causal mask explicitly.
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
         if attn_mask is None:
             # Causal when queries and keys line up (training, or a prefill into an empty cache);
             # a single decode step may attend to every cached position.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
