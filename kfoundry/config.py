@@ -89,6 +89,7 @@ class DataConfig:
     val_fraction: float = 0.05
     max_chars_per_doc: int = 100_000
     max_total_chars: int = 200_000_000
+    split_chars: int = 0  # > 0: split longer documents at paragraph boundaries before sharding (corpus/chunk.py)
 
 
 @dataclass
@@ -109,7 +110,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       tie_embeddings=True),
         "train": dict(seq_len=256, micro_batch_size=8, max_steps=400, lr=3e-3, warmup_steps=40, eval_every=100,
                       ckpt_every=100),
-        "data": dict(vocab_size=4096),
+        "data": dict(vocab_size=4096, split_chars=1200),
     },
     # A model small enough for unit tests: seconds on CPU.
     "test-micro": {
@@ -117,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       tie_embeddings=True),
         "train": dict(seq_len=64, micro_batch_size=4, max_steps=20, lr=3e-3, warmup_steps=4, eval_every=10,
                       eval_batches=2, ckpt_every=10, log_every=5),
-        "data": dict(vocab_size=512),
+        "data": dict(vocab_size=512, split_chars=600),
     },
     # GPT-2 small shape (124M with a 50k vocabulary; 32k Korean-efficient vocabulary here), for one GPU.
     "gpu-124m": {

@@ -28,6 +28,7 @@ def ensure_tokenizer(run_dir: Path, cfg: RunConfig, log=lambda m: print(m, file=
 
 def ensure_shards(run_dir: Path, cfg: RunConfig, tok_dir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
     from kfoundry.corpus import CorpusStats, iter_documents
+    from kfoundry.corpus.chunk import split_long_documents
     from kfoundry.data.shards import write_shards
     from kfoundry.tokenizer import KTokenizer
 
@@ -38,6 +39,7 @@ def ensure_shards(run_dir: Path, cfg: RunConfig, tok_dir: Path, log=lambda m: pr
     log(f"tokenizing corpus {d.corpus!r} into {shard_dir}")
     stats = CorpusStats()
     docs = iter_documents(d.corpus, stats, max_chars_per_doc=d.max_chars_per_doc, seed=cfg.train.seed)
+    docs = split_long_documents(docs, d.split_chars, stats)
     write_shards(docs, KTokenizer.load(tok_dir), shard_dir, val_fraction=d.val_fraction, seed=cfg.train.seed,
                  stats=stats)
     return shard_dir

@@ -446,3 +446,22 @@ def test_shared_chatbot_csv_by_column(shared_data):
     assert questions[0].text == "12시 땡!" and questions[0].meta == {"A": "하루가 또 가네요.", "label": "0"}
     assert answers[0].text == "하루가 또 가네요."
     assert_clean(questions)
+
+
+def test_split_long_documents_keeps_all_text_in_bounded_pieces(mixed_texts):
+    from kfoundry.corpus.chunk import split_long_documents
+
+    paragraphs = [t for t in mixed_texts if t] * 30
+    long_doc = Document(text="\n\n".join(paragraphs), id="d1", source="t", lang="ko")
+    one_line = Document(text="가" * 250, id="d2", source="t", lang="ko")
+    short = Document(text="짧은 문서 😀", id="d3", source="t", lang="ko")
+    stats = CorpusStats()
+    out = list(split_long_documents([long_doc, one_line, short], 100, stats))
+    assert all(len(d.text) <= 100 for d in out)
+    pieces = [d for d in out if d.id.startswith("d1~")]
+    assert len(pieces) > 10 and [d.meta["piece"] for d in pieces] == list(range(len(pieces)))
+    # nothing lost: every paragraph survives intact, in order
+    assert "\n\n".join(d.text for d in pieces) == long_doc.text
+    assert "".join(d.text for d in out if d.id.startswith("d2~")) == one_line.text
+    assert out[-1] is short and stats.changed["split"] == 2
+    assert list(split_long_documents([long_doc], 0)) == [long_doc]
