@@ -96,25 +96,26 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     logits = model(idx, positions=positions, attn_mask=mask, cache=cache)[:, -1]
 
     out: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    done = [False] * B
     next_pos = lengths.clone()
     key_valid = valid
     for step in range(params.max_new_tokens):
         tok = sample_next(logits, params, gen)
-        for i in range(B):
+        for i, t in enumerate(tok.tolist()):  # one device->host copy per step, not one per row
             if done[i]:
                 continue
-            t = int(tok[i])
             if t in stop:
                 done[i] = True
                 continue
             out[i].append(t)
             if on_token:
                 on_token(i, t)
-        if bool(done.all()) or step == params.max_new_tokens - 1:
+        if all(done) or step == params.max_new_tokens - 1:
             break  # no forward pass for a token nobody will use
-        key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        step_mask = key_valid[:, None, None, :] if padded else None
+        step_mask = None
+        if padded:  # keys: the prompt's real positions plus every generated one
+            key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+            step_mask = key_valid[:, None, None, :]
         logits = model(tok[:, None], positions=next_pos[:, None], attn_mask=step_mask, cache=cache)[:, -1]
         next_pos = next_pos + 1
     return out

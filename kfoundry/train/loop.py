@@ -300,7 +300,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         out_of_time = tc.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= tc.max_minutes
         done = step == tc.max_steps or out_of_time
         if step % tc.eval_every == 0 or done:
-            last_eval = {"step": step}
+            last_eval = {"step": step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t_start}
             for lang in [None, *val_langs]:
                 r = evaluate(fwd, shard_dir, cfg, token_bytes, device, lang=lang)
                 if r is not None:
@@ -309,7 +309,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
                     last_eval[f"val_bpb{suffix}"] = r["bpb"]
             metrics.write(last_eval)
             if bar:
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items() if k != "step"))
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items() if k.startswith("val")))
         if step % tc.ckpt_every == 0 or done:
             last_ckpt = save(final=done)
         if out_of_time:
