@@ -99,6 +99,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, check: b
         model = Transformer(cfg)
     model.to_empty(device=device)
     model.init_weights()  # sets rotary buffers and re-ties; the weights are overwritten just below
+    if not (path / "model.safetensors").is_file() and (path / "dcp" / ".metadata").is_file():
+        from kfoundry.train.dist_checkpoint import load_model_weights
+
+        load_model_weights(path, model)  # a sharded (torchrun) checkpoint, consolidated in this process
+        return model
     state = load_file(str(path / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if cfg.tie_embeddings else set()

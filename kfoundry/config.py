@@ -70,7 +70,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (per transformer block under torchrun)
+    parallel: str = "fsdp"  # under torchrun: fsdp (FSDP2, sharded) | ddp (replicated)
+    activation_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100
@@ -119,6 +121,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": dict(seq_len=64, micro_batch_size=4, max_steps=20, lr=3e-3, warmup_steps=4, eval_every=10,
                       eval_batches=2, ckpt_every=10, log_every=5),
         "data": dict(vocab_size=512, split_chars=600),
+    },
+    # An edge model for llama.cpp on phones and boards (~1.3M parameters with a 4k vocabulary), and the default
+    # student of `kfoundry distill`. Every row length (dim, ffn_dim) is a multiple of 32, so it exports as Q8_0/Q4_0.
+    "nano": {
+        "model": dict(vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, max_seq_len=256,
+                      tie_embeddings=True),
+        "train": dict(seq_len=256, micro_batch_size=8, max_steps=400, lr=3e-3, warmup_steps=40, eval_every=100,
+                      ckpt_every=100),
+        "data": dict(vocab_size=4096),
     },
     # GPT-2 small shape (124M with a 50k vocabulary; 32k Korean-efficient vocabulary here), for one GPU.
     "gpu-124m": {

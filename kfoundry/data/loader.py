@@ -16,15 +16,15 @@ The cost is the discarded tails; long documents lose everything past `seq_len + 
 
 Order, ranks and resumption
 ---------------------------
-Epoch `e` visits the documents in the permutation drawn from `(seed, e)`; rank `r` of `world_size` reads
-`order[r::world_size]`, so ranks never read the same document in an epoch. Because a row always starts at a
-fresh document, the loader's whole state between batches is *(epoch, position in this rank's order)*:
-`state_dict()` is those two numbers plus what they refer to, and `load_state_dict` puts them back, after
-which the next batches are exactly the ones the saved loader would have produced next. Batch size and
-sequence length are not part of the state, so a resumed run may change them.
-
-In a distributed run each rank advances at its own pace (documents differ in length), so save and restore
-the state of every rank (e.g. gather the dicts), not rank 0's for all.
+Epoch `e` visits the documents in the permutation drawn from `(seed, e)`. A step's *global* batch is
+`batch_size * world_size` rows filled from that one order; rank `r` owns rows `r, r + world_size, ...`. Every
+rank walks the same order (for rows it does not own it only advances the position, copying nothing), so ranks
+never read the same document, and the whole state between batches, *(epoch, position in the order)*, is the
+same on every rank and does not depend on the world size. That is what lets a run saved with 2 ranks resume
+with 1 (or 4) and see exactly the global batches it would have seen, and why 2 ranks with `batch_size=4`
+train on the same data as 1 rank with `batch_size=8`. `state_dict()` is those two numbers plus what they
+refer to; `load_state_dict` puts them back, after which the next batches are exactly the ones the saved loader
+would have produced next. Batch size, sequence length and world size are not part of the state.
 
 Memory: the shard files are memory-mapped; only the per-document index (start, length) of the selected
 documents is held in RAM, about 20 bytes a document.
@@ -51,7 +51,8 @@ class PackedLoader:
         shard_dir: a directory written by `write_shards` / `kfoundry data shard`.
         split: "train" or "val".
         seed: drives the per-epoch document shuffle (epoch `e` uses `(seed, e)`).
-        rank, world_size: this process reads documents `rank::world_size` of each epoch's order.
+        rank, world_size: this process owns rows `rank::world_size` of each global batch of
+            `batch_size * world_size` rows (see "Order, ranks and resumption" above).
         lang: keep only documents of this language ("ko", "en", "other", "unknown"), e.g. for a
             per-language validation loss.
         loop: True (training) runs through epochs forever; every batch is full and nothing is padded.
@@ -107,39 +108,39 @@ class PackedLoader:
         self._starts = np.concatenate(starts) if starts else np.zeros(0, np.int64)
         self._lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self.epoch = 0
-        self.position = 0  # index into this rank's order for `self.epoch`: the next document to read
+        self.position = 0  # index into the order for `self.epoch`: the next document to read (any rank's row)
         self._order_cache: tuple[int, np.ndarray] | None = None
         pad = self.meta.get("pad_id")
         self._pad_id = int(pad if pad is not None else self.meta["eos_id"])
-        if loop and len(self._lengths) < world_size:  # a looping rank without documents would spin forever
+        if loop and len(self._lengths) == 0:  # a looping loader without documents would spin forever
             what = f"split {split!r}" + (f" (lang={lang})" if lang else "")
-            raise ValueError(f"{self.shard_dir}: {what} has {len(self._lengths)} documents, "
-                             f"fewer than world_size={world_size}")
+            raise ValueError(f"{self.shard_dir}: {what} has no documents to train on")
 
     # -----------------------------------------------------------------------------------------------------
 
     @property
     def num_docs(self) -> int:
-        """Documents this rank reads per epoch."""
+        """Documents in one epoch's order (all ranks together)."""
         return len(self._order(self.epoch))
 
     def documents(self, epoch: int) -> np.ndarray:
-        """The documents this rank reads in `epoch`, in reading order, as indices into the selected
-        documents of the split (file order). For inspection: which rank saw what, and when."""
+        """The documents of `epoch` in reading order (shared by all ranks), as indices into the selected
+        documents of the split (file order). For inspection."""
         return self._order(epoch).copy()
 
     def _order(self, epoch: int) -> np.ndarray:
-        """This rank's document order for an epoch (cached: one permutation per epoch)."""
+        """The document order for an epoch, the same on every rank (cached: one permutation per epoch)."""
         if self._order_cache is None or self._order_cache[0] != epoch:
             perm = np.random.default_rng([self.seed, epoch]).permutation(len(self._lengths))
-            self._order_cache = (epoch, perm[self.rank :: self.world_size])
+            self._order_cache = (epoch, perm)
         return self._order_cache[1]
 
-    def _fill_row(self, row: np.ndarray) -> int:
+    def _fill_row(self, row: np.ndarray | None, row_len: int) -> int:
         """Fill `row` with documents from the current position; return how many tokens were placed, which
-        is less than the row only when a loop=False pass runs out of documents."""
+        is less than the row only when a loop=False pass runs out of documents. With `row=None` the row belongs
+        to another rank: the position advances exactly as if it were filled, but nothing is copied."""
         filled = 0
-        while filled < len(row):
+        while filled < row_len:
             order = self._order(self.epoch)
             if self.position >= len(order):
                 if not self.loop:
@@ -149,9 +150,10 @@ class PackedLoader:
                 continue
             d = order[self.position]
             self.position += 1
-            take = min(int(self._lengths[d]), len(row) - filled)  # the rest of this document is discarded
-            start = int(self._starts[d])
-            row[filled : filled + take] = self._shards[self._shard_of[d]][start : start + take]
+            take = min(int(self._lengths[d]), row_len - filled)  # the rest of this document is discarded
+            if row is not None:
+                start = int(self._starts[d])
+                row[filled : filled + take] = self._shards[self._shard_of[d]][start : start + take]
             filled += take
         return filled
 
@@ -160,9 +162,11 @@ class PackedLoader:
         while True:
             rows = np.full((self.batch_size, row_len), -1, dtype=np.int64)
             n = 0
-            while n < self.batch_size:
-                filled = self._fill_row(rows[n])
-                if filled:
+            # The global batch has batch_size * world_size rows; this rank owns rows rank, rank + world_size, ...
+            for j in range(self.batch_size * self.world_size):
+                mine = j % self.world_size == self.rank
+                filled = self._fill_row(rows[n] if mine else None, row_len)
+                if mine and filled:
                     n += 1
                 if filled < row_len:  # only with loop=False: the pass is over
                     break
@@ -193,8 +197,6 @@ class PackedLoader:
             "split": self.split,
             "lang": self.lang,
             "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
             "split_docs": len(self._lengths),
             "split_tokens": int(self._lengths.sum()),
         }

@@ -31,6 +31,9 @@ from kfoundry import checkpoint as ckpt_io
 from kfoundry.config import RunConfig, to_dict, write_config
 from kfoundry.fileio import sha256_bytes
 from kfoundry.model.llama import Transformer
+from kfoundry.train.dist_checkpoint import is_dcp_checkpoint, load_distributed, loader_state_for, save_distributed
+from kfoundry.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, clip_grad_norm, init_distributed,
+                                        no_grad_sync, parallelize, shutdown)
 from kfoundry.train.mfu import peak_flops
 from kfoundry.train.optim import build_optimizer, lr_at
 
@@ -98,25 +101,32 @@ def _set_rng_state(state: dict[str, str]) -> None:
 
 @torch.no_grad()
 def evaluate(model, shard_dir: Path, cfg: RunConfig, token_bytes: torch.Tensor, device: torch.device,
-             lang: str | None = None) -> dict[str, float] | None:
+             lang: str | None = None, info: DistInfo | None = None) -> dict[str, float] | None:
     """Mean loss (nats/token) and bits per byte on the validation split.
 
     Bits per byte = total loss in bits / total UTF-8 bytes of the predicted tokens. It does not depend on the
     tokenizer (a tokenizer with longer tokens has fewer, harder predictions; per byte that cancels out), so it
     compares models with different vocabularies. Special tokens (zero bytes, e.g. BOS) are left out of both sums.
+    Under torchrun each rank scores its rows of each global batch and the sums are all-reduced; every rank runs
+    the same number of forward passes (FSDP's collectives need that), so a final partial batch may be left out.
     """
     from kfoundry.data.loader import PackedLoader
 
+    info = info or DistInfo()
     loader = PackedLoader(shard_dir, split="val", batch_size=cfg.train.micro_batch_size, seq_len=cfg.train.seq_len,
-                          seed=0, lang=lang, loop=False)
+                          seed=0, lang=lang, loop=False, rank=info.rank, world_size=info.world_size)
+    batches = []
+    for x, y in loader:
+        if len(batches) >= cfg.train.eval_batches:
+            break
+        batches.append((x, y))
+    n = torch.tensor(len(batches))
+    if info.enabled and info.world_size > 1:
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
     was_training = model.training
     model.eval()
-    nats = torch.zeros((), dtype=torch.float64)
-    nbytes = torch.zeros((), dtype=torch.float64)
-    ntok = 0
-    for i, (x, y) in enumerate(loader):
-        if i >= cfg.train.eval_batches:
-            break
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, bytes, tokens
+    for x, y in batches[: int(n)]:
         x, y = x.to(device), y.to(device)
         with autocast(device):
             logits = model(x)
@@ -124,13 +134,13 @@ def evaluate(model, shard_dir: Path, cfg: RunConfig, token_bytes: torch.Tensor, 
                                                  ignore_index=-1)
         b = token_bytes[y.clamp(min=0)].flatten()
         counted = (b > 0) & (y.flatten() >= 0)
-        nats += loss[counted].double().sum().cpu()
-        nbytes += b[counted].double().sum().cpu()
-        ntok += int(counted.sum())
+        sums += torch.stack([loss[counted].double().sum(), b[counted].double().sum(), counted.double().sum()]).cpu()
     model.train(was_training)
+    sums = all_reduce_sum(sums, info)
+    nats, nbytes, ntok = sums.tolist()
     if ntok == 0:
         return None
-    return {"loss": float(nats / ntok), "bpb": float(nats / nbytes / LN2), "tokens": ntok}
+    return {"loss": nats / ntok, "bpb": nats / nbytes / LN2, "tokens": int(ntok)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,24 +192,39 @@ class MetricsLog:
 def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, tokenizer_dir: str | Path,
              resume: str | None = None, init: str | Path | None = None, progress: bool = True,
              log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
+    """Train; returns a summary (final checkpoint, last evaluation, tokens/s, MFU). Under torchrun every rank
+    calls this; rank 0 alone writes logs, metrics and the non-sharded parts of checkpoints."""
     from kfoundry.data.loader import PackedLoader
     from kfoundry.tokenizer import KTokenizer
 
     out_dir, shard_dir = Path(out_dir), Path(shard_dir)
     ckpt_root = out_dir / "ckpt"
     tc = cfg.train
-    device = pick_device(tc.device)
+    info = init_distributed(tc.device)
+    device = info.device if info.enabled else pick_device(tc.device)
+    main = info.is_main
+    if not main:
+        progress, log = False, (lambda msg: None)
     torch.manual_seed(tc.seed)
     tok = KTokenizer.load(tokenizer_dir)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.long, device=device)
 
-    # -- model: resume > init > fresh ----------------------------------------------------------------------
-    start = find_resumable(ckpt_root, log) if resume == "auto" else (Path(resume) if resume else None)
-    if resume == "auto" and start is None:
-        log(f"no complete checkpoint under {ckpt_root}; starting from scratch")
+    # -- model: resume > init > fresh. Every rank builds the same full model from the seed, then shards it. ----
+    start = None
+    if resume == "auto":
+        start = broadcast_object(find_resumable(ckpt_root, log) if main else None, info)
+        if start is None:
+            log(f"no complete checkpoint under {ckpt_root}; starting from scratch")
+    elif resume:
+        start = Path(resume)
     parent = None
+    from_dcp = start is not None and is_dcp_checkpoint(start)
+    if start is not None and not from_dcp and info.enabled:
+        raise ValueError(f"{start} was written by a single process (no torchrun); resume it without torchrun, or "
+                         f"start a distributed run from its weights with --init")
     if start is not None:
-        model = ckpt_io.load_model(start, device=device)
+        model = ckpt_io.load_model(start, device=device) if not from_dcp else \
+            Transformer.build(ckpt_io.load_config(start), device=device, seed=tc.seed)
         cfg.model = model.cfg
     elif init is not None:
         model = ckpt_io.load_model(init, device=device)
@@ -211,21 +236,32 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
     if tc.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"train.seq_len={tc.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    flops_per_token = model.flops_per_token(tc.seq_len)
+    n_params = model.num_params()
     model.train()
-    write_config(cfg, out_dir)
-    fwd = torch.compile(model) if tc.compile else model
+    if main:
+        write_config(cfg, out_dir)
+    # Parallelism and compilation are applied from outside: the model file does not know about them.
+    model = parallelize(model, info, mode=tc.parallel, activation_checkpointing=tc.activation_checkpointing,
+                        compile_blocks=tc.compile and info.enabled)
+    fwd = torch.compile(model) if tc.compile and not info.enabled else model
 
     optimizer = build_optimizer(model, tc, device.type)
-    tokens_per_micro = tc.micro_batch_size * tc.seq_len
+    tokens_per_micro = tc.micro_batch_size * tc.seq_len * info.world_size
     accum = max(1, math.ceil(tc.tokens_per_step / tokens_per_micro)) if tc.tokens_per_step else 1
     loader = PackedLoader(shard_dir, split="train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
-                          seed=tc.seed, expect_tokenizer_hash=tok.hash)
+                          seed=tc.seed, rank=info.rank, world_size=info.world_size,
+                          expect_tokenizer_hash=tok.hash)
     step, tokens_seen = 0, 0
     if start is not None:
-        optimizer.load_state_dict(ckpt_io.load_optimizer_state(start))
         state = ckpt_io.load_trainer_state(start)
+        if from_dcp:
+            load_distributed(start, model, optimizer)
+            loader.load_state_dict(loader_state_for(start, info.rank))
+        else:
+            optimizer.load_state_dict(ckpt_io.load_optimizer_state(start))
+            loader.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
-        loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         parent = ckpt_io.read_meta(start).get("parent")
         log(f"resumed from {start} at step {step}")
@@ -233,19 +269,28 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
 
     val_langs = _val_languages(shard_dir)
     peak, peak_src = peak_flops(device)
-    flops_per_token = model.flops_per_token(tc.seq_len)
-    metrics = MetricsLog(out_dir, cfg, enabled=progress)
-    metrics.write({"event": "start", "step": step, "resumed_from": str(start) if start else None,
-                   "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak,
-                   "peak_source": peak_src, "device": str(device), "accum_steps": accum})
+    if peak and info.world_size > 1:
+        peak, peak_src = peak * info.world_size, f"{peak_src} x {info.world_size} ranks"
+    metrics = MetricsLog(out_dir, cfg, enabled=progress) if main else None
+    if metrics:
+        metrics.write({"event": "start", "step": step, "resumed_from": str(start) if start else None,
+                       "params": n_params, "flops_per_token": flops_per_token, "peak_flops": peak,
+                       "peak_source": peak_src, "device": str(device), "world_size": info.world_size,
+                       "parallel": tc.parallel if info.enabled else None, "accum_steps": accum})
 
     def save(final: bool = False) -> Path:
-        path = ckpt_io.save_checkpoint(
-            ckpt_root / f"step-{step:06d}", model, tok, optimizer=optimizer,
-            trainer_state={"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(),
-                           "rng": _rng_state(), "config_sha256": sha256_bytes(json.dumps(to_dict(cfg)).encode())},
-            meta={"stage": "pretrain", "parent": parent, "final": final}, overwrite=True)
-        prune_checkpoints(ckpt_root, tc.keep_last)
+        path = ckpt_root / f"step-{step:06d}"
+        trainer_state = {"step": step, "tokens_seen": tokens_seen, "rng": _rng_state(),
+                         "config_sha256": sha256_bytes(json.dumps(to_dict(cfg)).encode())}
+        meta = {"stage": "pretrain", "parent": parent, "final": final}
+        if info.enabled:
+            save_distributed(path, model, optimizer, tok, info, model_cfg=cfg.model, trainer_state=trainer_state,
+                             loader_state=loader.state_dict(), meta=meta)
+        else:
+            ckpt_io.save_checkpoint(path, model, tok, optimizer=optimizer, meta=meta, overwrite=True,
+                                    trainer_state={**trainer_state, "loader": loader.state_dict()})
+        if main:
+            prune_checkpoints(ckpt_root, tc.keep_last)
         return path
 
     bar = None
@@ -261,22 +306,24 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        # Token-weighted gradient accumulation: sum the loss over every target token of the step, divide once.
+        # Token-weighted gradient accumulation: the loss is summed over every target token of the global step
+        # (all micro-batches, all ranks) and divided once by their count. x world_size undoes the gradient
+        # averaging across ranks that FSDP/DDP apply.
         micro = [next(batches) for _ in range(accum)]
-        n_targets = sum(int((y >= 0).sum()) for _, y in micro)
-        loss_sum = 0.0
-        for x, y in micro:
+        n_targets = int(all_reduce_sum(torch.tensor(sum(int((y >= 0).sum()) for _, y in micro)), info))
+        loss_sum = torch.zeros(())
+        for i, (x, y) in enumerate(micro):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device):
-                loss = fwd(x, y, reduction="sum") / n_targets
-            loss.backward()
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 else None
+            with no_grad_sync(model, skip=i < accum - 1), autocast(device):
+                loss = fwd(x, y, reduction="sum") * (info.world_size / n_targets)
+                loss.backward()
+            loss_sum += loss.detach().float().cpu() / info.world_size
+        grad_norm = clip_grad_norm(model, tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += n_targets
-        last_loss = loss_sum
+        last_loss = float(all_reduce_sum(loss_sum, info))
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -284,30 +331,33 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         window_tokens += n_targets
         window_time += dt
 
-        if step % tc.log_every == 0 or step == tc.max_steps:
+        if main and (step % tc.log_every == 0 or step == tc.max_steps):
             tps = window_tokens / max(window_time, 1e-9)
             mfu = flops_per_token * tps / peak if peak else None
             rec = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "tokens_per_sec": tps,
-                   "mfu": mfu, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                   "elapsed_s": time.perf_counter() - t_start}
-            metrics.write(rec)
+                   "mfu": mfu, "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t_start}
+            if metrics:
+                metrics.write(rec)
             if bar:
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{(mfu or 0) * 100:.1f}%")
             window_tokens, window_time = 0, 0.0
         if bar:
             bar.update(1)
 
+        # Every rank must agree on stopping (a wall-clock budget is read on rank 0 and broadcast).
         out_of_time = tc.max_minutes > 0 and (time.perf_counter() - t_start) / 60 >= tc.max_minutes
+        out_of_time = bool(broadcast_object(out_of_time, info)) if tc.max_minutes > 0 else False
         done = step == tc.max_steps or out_of_time
         if step % tc.eval_every == 0 or done:
             last_eval = {"step": step, "tokens": tokens_seen, "elapsed_s": time.perf_counter() - t_start}
             for lang in [None, *val_langs]:
-                r = evaluate(fwd, shard_dir, cfg, token_bytes, device, lang=lang)
+                r = evaluate(fwd, shard_dir, cfg, token_bytes, device, lang=lang, info=info)
                 if r is not None:
                     suffix = f"_{lang}" if lang else ""
                     last_eval[f"val_loss{suffix}"] = r["loss"]
                     last_eval[f"val_bpb{suffix}"] = r["bpb"]
-            metrics.write(last_eval)
+            if metrics:
+                metrics.write(last_eval)
             if bar:
                 bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items() if k.startswith("val")))
         if step % tc.ckpt_every == 0 or done:
@@ -321,11 +371,13 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         last_ckpt = list_checkpoints(ckpt_root)[-1] if list_checkpoints(ckpt_root) else save(final=True)
     summary = {"step": step, "tokens_seen": tokens_seen, "final_loss": last_loss, "eval": last_eval,
                "checkpoint": str(last_ckpt), "train_seconds": train_time,
-               "tokens_per_sec": _median_tps(out_dir),
-               "params": model.num_params(), "peak_flops": peak, "peak_source": peak_src}
+               "tokens_per_sec": _median_tps(out_dir) if main else None,
+               "params": n_params, "peak_flops": peak, "peak_source": peak_src, "world_size": info.world_size}
     summary["mfu"] = flops_per_token * summary["tokens_per_sec"] / peak if peak and summary["tokens_per_sec"] else None
-    metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "eval"}})
-    metrics.close()
+    if metrics:
+        metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "eval"}})
+        metrics.close()
+    shutdown(info)
     return summary
 
 
