@@ -20,7 +20,12 @@ STAGE_MODULES = [
     "kfoundry.tokenizer.cli",
     "kfoundry.train.cli",
     "kfoundry.model.cli",
+    "kfoundry.model.grow_cli",
+    "kfoundry.post.cli",
     "kfoundry.export.cli",
+    "kfoundry.eval.cli",
+    "kfoundry.post.distill_cli",
+    "kfoundry.serve.cli",
 ]
 
 
@@ -44,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # for commands that re-launch themselves (pretrain --nproc N under torchrun)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

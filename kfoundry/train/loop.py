@@ -189,6 +189,27 @@ class MetricsLog:
 # The loop
 
 
+def forward_backward(fwd, model, micro: list[tuple[torch.Tensor, torch.Tensor]], info: DistInfo,
+                     device: torch.device) -> tuple[float, int]:
+    """Accumulate the gradient of one optimizer step over micro-batches; returns (mean loss, target tokens), both
+    over the global batch.
+
+    Token-weighted: the loss is summed over every target token of the step (all micro-batches, all ranks) and
+    divided once by their count, so a token weighs the same wherever it sits. The factor world_size undoes the
+    averaging of gradients across ranks that FSDP/DDP apply. Gradient sync is skipped until the last micro-batch.
+    """
+    n_targets = int(all_reduce_sum(torch.tensor(sum(int((y >= 0).sum()) for _, y in micro)), info))
+    loss_sum = torch.zeros(())
+    for i, (x, y) in enumerate(micro):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with no_grad_sync(model, skip=i < len(micro) - 1):
+            with autocast(device):  # forward only: backward runs in the dtypes autocast chose
+                loss = fwd(x, y, reduction="sum") * (info.world_size / n_targets)
+            loss.backward()
+        loss_sum += loss.detach().float().cpu() / info.world_size
+    return float(all_reduce_sum(loss_sum, info)), n_targets
+
+
 def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, tokenizer_dir: str | Path,
              resume: str | None = None, init: str | Path | None = None, progress: bool = True,
              log=lambda msg: print(msg, file=sys.stderr)) -> dict[str, Any]:
@@ -310,20 +331,12 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         # (all micro-batches, all ranks) and divided once by their count. x world_size undoes the gradient
         # averaging across ranks that FSDP/DDP apply.
         micro = [next(batches) for _ in range(accum)]
-        n_targets = int(all_reduce_sum(torch.tensor(sum(int((y >= 0).sum()) for _, y in micro)), info))
-        loss_sum = torch.zeros(())
-        for i, (x, y) in enumerate(micro):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with no_grad_sync(model, skip=i < accum - 1), autocast(device):
-                loss = fwd(x, y, reduction="sum") * (info.world_size / n_targets)
-                loss.backward()
-            loss_sum += loss.detach().float().cpu() / info.world_size
+        last_loss, n_targets = forward_backward(fwd, model, micro, info, device)
         grad_norm = clip_grad_norm(model, tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += n_targets
-        last_loss = float(all_reduce_sum(loss_sum, info))
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
