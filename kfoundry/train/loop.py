@@ -387,6 +387,8 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
                "tokens_per_sec": _median_tps(out_dir) if main else None,
                "params": n_params, "peak_flops": peak, "peak_source": peak_src, "world_size": info.world_size}
     summary["mfu"] = flops_per_token * summary["tokens_per_sec"] / peak if peak and summary["tokens_per_sec"] else None
+    if device.type == "cuda":
+        summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if metrics:
         metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "eval"}})
         metrics.close()
