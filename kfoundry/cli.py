@@ -26,6 +26,7 @@ STAGE_MODULES = [
     "kfoundry.eval.cli",
     "kfoundry.post.distill_cli",
     "kfoundry.serve.cli",
+    "kfoundry.provenance.cli",
 ]
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (UserError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         if os.environ.get("KFOUNDRY_DEBUG"):
             raise
         print(f"kfoundry: error: {e}", file=sys.stderr)

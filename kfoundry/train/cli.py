@@ -75,10 +75,12 @@ def _pretrain(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = init_distributed(cfg.train.device)  # a no-op outside torchrun
-    tok_dir, shard_dir = None, None
+    if not args.tokenizer and args.init:  # continued pretraining keeps the tokenizer of the weights it starts from
+        args.tokenizer = str(Path(args.init) / "tokenizer")
     if info.is_main:  # one process builds what the run needs; the others wait for it
         tok_dir = Path(args.tokenizer) if args.tokenizer else ensure_tokenizer(out, cfg)
-        shard_dir = Path(args.shards) if args.shards else ensure_shards(out, cfg, tok_dir)
+        if not args.shards:
+            ensure_shards(out, cfg, tok_dir)
     barrier(info)
     tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
     shard_dir = Path(args.shards) if args.shards else out / "shards"
