@@ -65,9 +65,8 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def _pretrain(args) -> int:
     from kfoundry.pipeline import ensure_shards, ensure_tokenizer
-    from kfoundry.train.loop import pretrain
-
     from kfoundry.train.distributed import barrier, init_distributed
+    from kfoundry.train.loop import pretrain
 
     if args.nproc is not None:
         return launch_torchrun(args.nproc, args.argv)
