@@ -14,6 +14,7 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(strip $(TORCH_PIN))"
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/kfoundry eval --install-lm-eval-plugin >/dev/null  # `lm_eval --model kfoundry` (lm-eval 0.4 has no plugin discovery)
 
 speedrun: setup
 	$(BIN)/kfoundry speedrun --out $(OUT)

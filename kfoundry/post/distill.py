@@ -1,0 +1,167 @@
+"""Knowledge distillation: train a small student on a large teacher's predictions (Hinton et al. 2015).
+
+A language model trained on text sees one right answer per position: the token that came next. A trained
+teacher knows more than that -- that after "대한민국의 주권은" the words "국민" and "국가" are both plausible and
+"바나나" is not. Distillation hands the student the teacher's whole next-token distribution at every position,
+which is a far richer signal per token than the one-hot target, so a small model learns faster from the same
+text. Loss per target position:
+
+    loss = (1 - alpha) * CE(student, next token)  +  alpha * T^2 * KL( softmax(teacher / T) || softmax(student / T) )
+
+- T (temperature) > 1 softens both distributions so the small probabilities -- the "dark knowledge" of which
+  wrong answers are nearly right -- carry weight. Gradients of the KL term shrink as 1/T^2, hence the T^2
+  factor, which keeps the two terms on the same scale whatever T is (Hinton et al., section 2).
+- alpha = 0 is ordinary pretraining with the same code, data order, seed and steps: the no-teacher baseline
+  the tests and `--alpha 0` compare against.
+
+Teacher and student must share the tokenizer: the KL compares distributions over the same vocabulary. The
+student's `vocab_size` is therefore set to the teacher's. The teacher only runs forward passes, in eval mode
+and without gradients.
+
+The loop is the pretraining loop's (same loader, optimizer, schedule, evaluation and checkpoint format), kept to
+what distillation needs: the run writes OUT/ckpt/step-N (with trainer_state.json), OUT/metrics.jsonl and
+OUT/run_config.json, and the checkpoint's meta.json names the teacher as its parent. A run is not resumable
+(re-run it; a nano student trains in minutes).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from kfoundry import checkpoint as ckpt_io
+from kfoundry.config import RunConfig, write_config
+from kfoundry.model.llama import Transformer
+from kfoundry.train import loop
+from kfoundry.train.optim import build_optimizer, lr_at
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
+                 alpha: float, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over target positions (targets >= 0) of the blended loss above; also returns both parts."""
+    keep = targets.reshape(-1) >= 0
+    s = student_logits.float().reshape(-1, student_logits.size(-1))[keep]
+    y = targets.reshape(-1)[keep]
+    ce = F.cross_entropy(s, y)
+    if alpha == 0:
+        return ce, {"ce": ce.item(), "kl": 0.0}
+    t = teacher_logits.float().reshape(-1, teacher_logits.size(-1))[keep]
+    # KL(p_teacher || p_student) = sum p_t (log p_t - log p_s), averaged over positions ("batchmean").
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
+                  reduction="batchmean")
+    loss = (1 - alpha) * ce + alpha * temperature**2 * kl
+    return loss, {"ce": ce.item(), "kl": kl.item()}
+
+
+def check_settings(alpha: float, temperature: float) -> None:
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+
+def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path,
+            alpha: float = 0.5, temperature: float = 2.0, progress: bool = True,
+            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
+    """Train a fresh student shaped by `cfg.model` on shards of the teacher's tokenizer; returns a summary.
+
+    The summary holds the final checkpoint path, the student's and the teacher's validation loss and bits per
+    byte (`eval`, `teacher_eval`; per language where the shards have several), parameter counts and tokens/s.
+    """
+    from kfoundry.data.loader import PackedLoader
+
+    check_settings(alpha, temperature)
+    out_dir, shard_dir, teacher = Path(out_dir), Path(shard_dir), Path(teacher)
+    tc = cfg.train
+    device = loop.pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+
+    teacher_model = ckpt_io.load_model(teacher, device=device).eval()
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    tok = ckpt_io.load_tokenizer(teacher)
+    if cfg.model.vocab_size != teacher_model.cfg.vocab_size:
+        log(f"student vocab_size set to the teacher's ({teacher_model.cfg.vocab_size}): they share a tokenizer")
+        cfg.model.vocab_size = teacher_model.cfg.vocab_size
+    for who, m in (("student", cfg.model), ("teacher", teacher_model.cfg)):
+        if tc.seq_len > m.max_seq_len:
+            raise ValueError(f"train.seq_len={tc.seq_len} exceeds the {who}'s max_seq_len={m.max_seq_len}")
+    student = Transformer.build(cfg.model, device=device, seed=tc.seed)
+    student.train()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out_dir)
+
+    optimizer = build_optimizer(student, tc, device.type)
+    loader = PackedLoader(shard_dir, split="train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
+                          seed=tc.seed, expect_tokenizer_hash=tok.hash)
+    batches = iter(loader)
+    token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.long, device=device)
+    accum = max(1, math.ceil(tc.tokens_per_step / (tc.micro_batch_size * tc.seq_len))) if tc.tokens_per_step else 1
+    metrics = loop.MetricsLog(out_dir, cfg, enabled=progress)
+    metrics.write({"event": "start", "stage": "distill", "teacher": str(teacher.resolve()), "alpha": alpha,
+                   "temperature": temperature, "params": student.num_params(),
+                   "teacher_params": teacher_model.num_params()})
+
+    def evaluate(model) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for lang in [None, *loop._val_languages(shard_dir)]:
+            r = loop.evaluate(model, shard_dir, cfg, token_bytes, device, lang=lang)
+            if r is not None:
+                suffix = f"_{lang}" if lang else ""
+                result[f"val_loss{suffix}"], result[f"val_bpb{suffix}"] = r["loss"], r["bpb"]
+        return result
+
+    step, tokens_seen, train_time, last = 0, 0, 0.0, {}
+    last_eval: dict[str, float] = {}
+    while step < tc.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        parts = {"ce": 0.0, "kl": 0.0}
+        loss_sum = 0.0
+        for _ in range(accum):
+            x, y = (t.to(device) for t in next(batches))
+            with torch.no_grad(), loop.autocast(device):
+                t_logits = teacher_model(x) if alpha > 0 else None
+            with loop.autocast(device):
+                loss, p = distill_loss(student(x), t_logits, y, alpha=alpha, temperature=temperature)
+            (loss / accum).backward()
+            loss_sum += loss.item() / accum
+            parts = {k: parts[k] + p[k] / accum for k in parts}
+            tokens_seen += int((y >= 0).sum())
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_time += time.perf_counter() - t0
+        last = {"step": step, "loss": loss_sum, **parts, "lr": lr, "tokens": tokens_seen}
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            metrics.write({**last, "tokens_per_sec": tokens_seen / max(train_time, 1e-9)})
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            last_eval = evaluate(student)
+            metrics.write({"step": step, **last_eval})
+            if progress:
+                log(f"distill step {step}: loss {loss_sum:.4f}, " +
+                    ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+
+    teacher_eval = evaluate(teacher_model)
+    ckpt = ckpt_io.save_checkpoint(
+        out_dir / "ckpt" / f"step-{step:06d}", student, tok,
+        trainer_state={"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()},
+        meta={"stage": "distill", "parent": str(teacher.resolve()), "final": True, "alpha": alpha,
+              "temperature": temperature, "teacher_eval": teacher_eval}, overwrite=True)
+    summary = {"checkpoint": str(ckpt), "step": step, "tokens_seen": tokens_seen, "final_loss": last.get("loss"),
+               "eval": last_eval, "teacher_eval": teacher_eval, "alpha": alpha, "temperature": temperature,
+               "params": student.num_params(), "teacher_params": teacher_model.num_params(),
+               "tokens_per_sec": tokens_seen / max(train_time, 1e-9)}
+    metrics.write({"event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    metrics.close()
+    return summary

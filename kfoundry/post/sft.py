@@ -1,0 +1,310 @@
+"""Supervised fine-tuning (SFT): teach a pretrained model to answer in the chat format.
+
+    chats (JSONL messages / Q-A CSV / starter) -> render with the chat template -> (ids, assistant mask)
+        -> pack several conversations per row, each attending only to itself -> loss on assistant tokens only
+
+Choices, and why:
+
+- **Packing with per-conversation attention masks** (not padding). Chat examples are short and uneven (10 to 250
+  tokens); padding each to the longest would spend most of the compute on pad tokens. Conversations are packed
+  greedily into rows of `train.seq_len` tokens; a block-diagonal causal mask keeps each one from seeing the others,
+  and position ids restart at 0 for each, so a packed conversation computes exactly what it would alone (the test
+  proves it). The cost: a dense [T, T] mask sends attention down PyTorch's general SDPA path instead of the fused
+  causal kernel, which matters at long sequence lengths on GPUs, not for chat rows of a few hundred tokens.
+- **Loss only on assistant tokens**: the targets are -1 (ignored) except where the next token is assistant content
+  or the end-of-turn token that closes it (`chat_format.render`). The step loss is the mean over those tokens.
+- **Whole conversations or nothing**: a conversation longer than `train.seq_len + 1` tokens is left out and
+  counted (`too_long`), never truncated mid-answer.
+- **Validation loss** on held-out conversations (`--val-data`, or a seeded `--val-fraction` of the data), on
+  assistant tokens only, every `train.eval_every` steps.
+- **The same checkpoints and resume as pretraining** (runner.PostTrainer): OUT/ckpt/step-N with trainer_state.json;
+  the epoch order is a pure function of (seed, epoch), so `--resume auto` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kfoundry.config import TrainConfig, from_dict, parse_override, preset
+from kfoundry.post.chat_format import render_many
+from kfoundry.post.data import Chat, LoadStats, load_chats
+from kfoundry.post.runner import PostTrainer
+from kfoundry.train import loop
+
+# SFT starts from the preset's batch shape and device, with optimisation settings suited to fine-tuning: a smaller
+# peak learning rate than pretraining, a short warmup, no weight decay. max_steps=0 means "derive from epochs".
+SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, "weight_decay": 0.0,
+                                "max_steps": 0, "eval_every": 50, "ckpt_every": 100, "log_every": 10}
+
+
+def post_train_config(preset_name: str | None, overrides: Sequence[str], defaults: dict[str, Any]) -> TrainConfig:
+    """TrainConfig = preset's train section, then stage defaults, then `--set train.key=value` overrides."""
+    cfg = preset(preset_name or "cpu-tiny")
+    from_dict(cfg.train, defaults, prefix="train.")
+    for o in overrides:
+        parsed = parse_override(o)
+        if set(parsed) != {"train"}:
+            raise ValueError(f"--set {o}: only train.* settings apply here (the model comes from the checkpoint)")
+        from_dict(cfg, parsed)
+    return cfg.train
+
+
+def sft_train_config(preset_name: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    return post_train_config(preset_name, overrides, SFT_DEFAULTS)
+
+
+# --------------------------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One rendered conversation: ids and the mask of learnable (assistant) positions."""
+
+    ids: tuple[int, ...]
+    mask: tuple[bool, ...]
+
+    @property
+    def inputs(self) -> tuple[int, ...]:
+        return self.ids[:-1]
+
+    @property
+    def targets(self) -> list[int]:
+        """Next-token targets, -1 where the next token is not an assistant token."""
+        return [t if m else -1 for t, m in zip(self.ids[1:], self.mask[1:])]
+
+
+def encode_chats(tok, chats: Sequence[Chat], seq_len: int, stats: LoadStats | None = None) -> list[Example]:
+    """Render every chat; those that do not fit `seq_len` inputs are counted as `too_long` and left out."""
+    out = []
+    for start in range(0, len(chats), RENDER_CHUNK):
+        out += _encode_chunk(tok, chats[start:start + RENDER_CHUNK], seq_len, stats)
+    return out
+
+
+RENDER_CHUNK = 2048  # conversations tokenized per batch call: bounds the memory of the intermediate texts
+
+
+def _encode_chunk(tok, chats: Sequence[Chat], seq_len: int, stats: LoadStats | None) -> list[Example]:
+    out = []
+    for ids, mask in render_many(tok, chats):
+        reason = "too_long" if len(ids) - 1 > seq_len else None if any(mask[1:]) else "nothing_to_learn"
+        if reason:
+            if stats is not None:  # it was counted as kept when loaded; move it to the refused
+                stats.kept -= 1
+                stats.reject(reason)
+            continue
+        out.append(Example(tuple(ids), tuple(mask)))
+    return out
+
+
+def examples_sha256(*groups: Sequence[Example]) -> str:
+    """A fingerprint of the tokenized data: resume refuses to continue on different data."""
+    h = hashlib.sha256()
+    for g, examples in enumerate(groups):
+        h.update(f"group{g}:{len(examples)};".encode())
+        for ex in examples:
+            h.update(repr((ex.ids, ex.mask)).encode())
+    return h.hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- packing
+
+
+PACK_LOOKBACK = 16  # open rows a conversation may join; bounds packing at O(n * 16) for any data size
+
+
+def pack(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
+    """Pack conversations into rows of at most `seq_len` inputs, in order, first fit among the last open rows.
+
+    Looking back a few rows lets a short conversation fill the gap a long one left, so rows are nearly full
+    without sorting the data (which would put all long conversations together and skew each batch).
+    """
+    rows: list[list[Example]] = []
+    used: list[int] = []
+    for ex in examples:
+        n = len(ex.ids) - 1
+        first = max(0, len(rows) - PACK_LOOKBACK)
+        slot = next((r for r in range(first, len(rows)) if used[r] + n <= seq_len), None)
+        if slot is None:
+            rows.append([])
+            used.append(0)
+            slot = len(rows) - 1
+        rows[slot].append(ex)
+        used[slot] += n
+    return rows
+
+
+@dataclass
+class PackedBatch:
+    x: torch.Tensor  # [B, T] input ids (pad after the last conversation of a row)
+    y: torch.Tensor  # [B, T] targets, -1 = no loss
+    positions: torch.Tensor  # [B, T] restart at 0 for each conversation
+    attn_mask: torch.Tensor  # [B, 1, T, T] True = may attend (same conversation, not in the future)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.y >= 0).sum())
+
+    @property
+    def n_tokens(self) -> int:
+        return int((self.positions >= 0).sum())
+
+    def to(self, device) -> PackedBatch:
+        return PackedBatch(*(t.to(device, non_blocking=True) for t in (self.x, self.y, self.positions,
+                                                                         self.attn_mask)))
+
+
+def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, T] segment ids (-1 = padding) -> [B, 1, T, T] boolean mask: causal within a segment, nothing across.
+
+    A padding position may attend only to itself: a query row with nothing to attend to would make softmax
+    return NaN, which would then leak into the gradients through 0 * NaN.
+    """
+    T = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    mask = same & causal & (segments[:, :, None] >= 0)
+    mask |= torch.eye(T, dtype=torch.bool, device=segments.device) & (segments[:, :, None] < 0)
+    return mask[:, None]
+
+
+def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> PackedBatch:
+    """Rows of conversations -> padded tensors (to the longest row of this batch, not to seq_len)."""
+    T = max(sum(len(ex.ids) - 1 for ex in row) for row in rows)
+    B = len(rows)
+    x = torch.full((B, T), pad_id, dtype=torch.long)
+    y = torch.full((B, T), -1, dtype=torch.long)
+    pos = torch.full((B, T), -1, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)
+    for b, row in enumerate(rows):
+        at = 0
+        for s, ex in enumerate(row):
+            n = len(ex.ids) - 1
+            x[b, at:at + n] = torch.tensor(ex.inputs)
+            y[b, at:at + n] = torch.tensor(ex.targets)
+            pos[b, at:at + n] = torch.arange(n)
+            seg[b, at:at + n] = s
+            at += n
+    return PackedBatch(x, y, pos, block_causal_mask(seg))
+
+
+def epoch_rows(examples: Sequence[Example], epoch: int, seed: int, seq_len: int, batch_size: int,
+               shuffle: bool = True) -> list[list[list[Example]]]:
+    """The batches (lists of packed rows) of one epoch: shuffled by (seed, epoch), packed, grouped."""
+    order = list(range(len(examples)))
+    if shuffle:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(len(examples), generator=gen).tolist()
+    rows = pack([examples[i] for i in order], seq_len)
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def packed_loss_sum(model, batch: PackedBatch) -> torch.Tensor:
+    """Summed cross-entropy over the assistant targets of a packed batch."""
+    pos = batch.positions.clamp(min=0)  # padding positions: any valid position, they are masked anyway
+    return model(batch.x, batch.y, positions=pos, attn_mask=batch.attn_mask, reduction="sum")
+
+
+@torch.no_grad()
+def validation_loss(model, examples: Sequence[Example], seq_len: int, batch_size: int, pad_id: int, device,
+                    max_batches: int) -> dict[str, float]:
+    """Mean loss (nats per assistant token) on held-out conversations; {} when there are none."""
+    if not examples:
+        return {}
+    device = torch.device(device)
+    model.eval()
+    total, count = 0.0, 0
+    for i, rows in enumerate(epoch_rows(examples, 0, 0, seq_len, batch_size, shuffle=False)):
+        if max_batches and i >= max_batches:
+            break
+        batch = collate(rows, pad_id).to(device)
+        with loop.autocast(device):
+            total += float(packed_loss_sum(model, batch))
+        count += batch.n_targets
+    return {"val_loss": total / count} if count else {}
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+def split_chats(chats: Sequence[Chat], val_fraction: float, seed: int) -> tuple[list[Chat], list[Chat]]:
+    """A seeded split by conversation; at least one conversation stays in training."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = min(len(chats) - 1, round(val_fraction * len(chats)))
+    if n_val <= 0:
+        return list(chats), []
+    order = torch.randperm(len(chats), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = set(order[:n_val])
+    return [c for i, c in enumerate(chats) if i not in val], [c for i, c in enumerate(chats) if i in val]
+
+
+def sft(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: TrainConfig | None = None, *,
+        val_data: Sequence[str | Path] = (), val_fraction: float = 0.05, epochs: float = 3.0,
+        resume: str | None = None, progress: bool = True,
+        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
+    """Fine-tune checkpoint `base` on conversations from `data`; checkpoints go to OUT/ckpt/step-N.
+
+    tc.max_steps <= 0 means `epochs` passes over the training conversations. Returns a summary with the first and
+    final training loss, the validation loss and the final checkpoint path.
+    """
+    from kfoundry.checkpoint import load_config, load_tokenizer
+
+    tc = copy.deepcopy(tc) if tc is not None else sft_train_config()  # max_steps/seq_len are filled in below
+    model_cfg = load_config(base)
+    if tc.seq_len > model_cfg.max_seq_len:
+        log(f"train.seq_len={tc.seq_len} exceeds the model's context; using {model_cfg.max_seq_len}")
+        tc.seq_len = model_cfg.max_seq_len
+    tok = load_tokenizer(base)
+
+    stats = LoadStats()
+    chats = [c for spec in data for c in load_chats(spec, stats)]
+    if val_data:
+        train_chats, val_chats = chats, [c for spec in val_data for c in load_chats(spec, stats)]
+    else:
+        train_chats, val_chats = split_chats(chats, val_fraction, tc.seed)
+    train_ex = encode_chats(tok, train_chats, tc.seq_len, stats)
+    val_ex = encode_chats(tok, val_chats, tc.seq_len, stats)
+    log(f"sft data: {len(train_ex)} training / {len(val_ex)} validation conversations; {stats.summary()}")
+    if not train_ex:
+        raise ValueError(f"no training conversation fits train.seq_len={tc.seq_len} ({stats.summary()})")
+
+    def batches_of(epoch: int) -> list[list[list[Example]]]:
+        return epoch_rows(train_ex, epoch, tc.seed, tc.seq_len, tc.micro_batch_size)
+
+    if tc.max_steps <= 0:
+        if epochs <= 0:
+            raise ValueError("epochs must be positive (or set train.max_steps)")
+        tc.max_steps = max(1, math.ceil(epochs * len(batches_of(0))))
+
+    data_spec = ",".join(map(str, data))
+    trainer = PostTrainer("sft", base, out_dir, tc, resume=resume, data_sha256=examples_sha256(train_ex, val_ex),
+                          data_spec=data_spec, progress=progress, log=log,
+                          meta={"data": [str(d) for d in data], "val_data": [str(d) for d in val_data]})
+    model, device, pad_id = trainer.model, trainer.device, tok.pad_id
+
+    def train_step(rows: list[list[Example]]) -> dict[str, float]:
+        batch = collate(rows, pad_id).to(device)
+        n = batch.n_targets
+        with loop.autocast(device):
+            loss = packed_loss_sum(model, batch) / n
+        loss.backward()
+        return {"loss": float(loss.detach()), "tokens": batch.n_tokens, "targets": n, "rows": len(rows)}
+
+    def evaluate() -> dict[str, float]:
+        return validation_loss(model, val_ex, tc.seq_len, tc.micro_batch_size, pad_id, device, tc.eval_batches)
+
+    summary = trainer.fit(batches_of, train_step, evaluate)
+    summary["val_loss"] = (summary.get("eval") or {}).get("val_loss")
+    summary["data"] = {"train_conversations": len(train_ex), "val_conversations": len(val_ex),
+                       "kept": stats.kept, "refused": dict(stats.bad)}
+    return summary

@@ -1,0 +1,48 @@
+"""The speedrun's SFT stage: fine-tunes on the starter chat set and reports answers before and after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kfoundry.checkpoint import save_checkpoint
+from kfoundry.config import resolve
+from kfoundry.model.llama import Transformer
+from kfoundry.post.stage import CHAT_PROMPTS, append_chat_section, speedrun_sft
+from kfoundry.tokenizer import KTokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sft_stage_reports_before_and_after(tmp_path):
+    from kfoundry.pipeline import ensure_tokenizer
+
+    cfg = resolve("test-micro")
+    tok = KTokenizer.load(ensure_tokenizer(tmp_path, cfg, log=lambda m: None))
+    base = save_checkpoint(tmp_path / "ckpt" / "step-000000", Transformer.build(cfg.model, seed=0), tok)
+    fields = speedrun_sft(base, tmp_path, cfg, progress=False)
+
+    sft = fields["sft"]
+    assert sft["step"] > 0 and sft["final_loss"] < sft["first_loss"]
+    assert sft["checkpoint"].startswith(str(tmp_path / "sft" / "ckpt"))
+    assert sft["data"]["train_conversations"] > 20  # the short starter conversations fit test-micro's 64 tokens
+    assert sft["data"]["refused"].get("too_long", 0) > 0  # the rest are counted, not cut
+    samples = fields["chat_samples"]
+    assert [s["prompt"] for s in samples] == [p for _, p in CHAT_PROMPTS]
+    assert {s["lang"] for s in samples} == {"ko", "en"}
+    assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
+
+    md = tmp_path / "report.md"
+    md.write_text("# report\n", encoding="utf-8")
+    append_chat_section(md, fields)
+    text = md.read_text(encoding="utf-8")
+    assert text.startswith("# report\n") and "## Chat before and after SFT" in text
+    assert text.count("\nbefore SFT") == 3 and text.count("\nafter SFT") == 3 and CHAT_PROMPTS[0][1] in text
+    assert f"kfoundry chat --model {sft['checkpoint']}" in text
