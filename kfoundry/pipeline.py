@@ -42,4 +42,25 @@ def ensure_shards(run_dir: Path, cfg: RunConfig, tok_dir: Path, log=lambda m: pr
     docs = split_long_documents(docs, d.split_chars, stats)
     write_shards(docs, KTokenizer.load(tok_dir), shard_dir, val_fraction=d.val_fraction, seed=cfg.train.seed,
                  stats=stats)
+    from kfoundry.provenance import record_data
+
+    record_data(run_dir, shard_dir, corpus=d.corpus, tokenizer_dir=tok_dir)  # shard hashes, sources, licences
     return shard_dir
+
+
+def ensure_curated(run_dir: Path, cfg: RunConfig, recipe: str = "clean",
+                   log=lambda m: print(m, file=sys.stderr)) -> Path:
+    """Curate the run's corpus into `run_dir/data` with `kfoundry data prepare`; return the curated corpus SPEC.
+
+    The returned folder (`data/curated`, JSONL shards) is a corpus SPEC, so the tokenizer and shard steps
+    read it like any other corpus. `recipe` defaults to `clean` (normalize, language, decontamination, dedup,
+    PII; no web quality heuristics), because the speedrun's `starter` corpus is laws and documentation, which
+    the web heuristics would mostly reject. A finished curation is not redone; an interrupted one resumes.
+    Token shards are left to `ensure_tokenizer` / `ensure_shards`, which own `run_dir/tokenizer` and `shards`.
+    """
+    from kfoundry.data.curate import prepare
+
+    data_dir = Path(run_dir) / "data"
+    prepare(cfg.data.corpus, data_dir, recipe=recipe, workers=1, tasks=2, shards=False, seed=cfg.train.seed,
+            log=log)
+    return data_dir / "curated"

@@ -154,6 +154,7 @@ def run_eval(spec: EvalSpec, *, lm=None, log=lambda m: print(m, file=sys.stderr)
     import lm_eval
 
     from kfoundry.eval import frontier, report
+    from kfoundry.provenance import record_evaluation
 
     if not spec.tasks and spec.skip_bpb:
         raise ValueError("nothing to evaluate: give --tasks, or leave bits-per-byte on")
@@ -218,6 +219,7 @@ def run_eval(spec: EvalSpec, *, lm=None, log=lambda m: print(m, file=sys.stderr)
         "seconds": seconds,
     }
     payload["files"] = {k: str(v) for k, v in report.write_report(spec.out, payload).items()}
+    record_evaluation(spec.model, payload)  # into the checkpoint's ledger, when its run keeps one
     return payload
 
 

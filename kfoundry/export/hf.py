@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer, model_state
 from kfoundry.config import ModelConfig
 from kfoundry.fileio import atomic_dir, atomic_write_json
+from kfoundry.provenance.card import write_model_card
+from kfoundry.provenance.record import record_export
 
 
 def hf_config(cfg: ModelConfig, tok) -> dict:
@@ -97,4 +99,6 @@ def export_hf(ckpt: str | Path, out: str | Path, *, overwrite: bool = False) -> 
             "max_length": cfg.max_seq_len,
         })
         (tmp / "kfoundry_source.json").write_text(json.dumps({"checkpoint": str(ckpt.resolve())}) + "\n")
+        write_model_card(ckpt, tmp)  # README.md: data, compute, evaluation, lineage, limitations (EN + KO)
+    record_export(ckpt, out, fmt="hf")
     return out

@@ -238,6 +238,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tokenizer: str | Path | No
     """
     from kfoundry.checkpoint import save_checkpoint
     from kfoundry.model.llama import Transformer
+    from kfoundry.provenance import record_checkpoint
 
     hf_dir = Path(hf_dir)
     if Path(out).exists() and not overwrite:
@@ -285,4 +286,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tokenizer: str | Path | No
             ("tokenizer.json" if tok is not None else None),
         },
     }
-    return save_checkpoint(out, model, tok, meta=meta, overwrite=overwrite), note
+    path = save_checkpoint(out, model, tok, meta=meta, overwrite=overwrite)
+    record_checkpoint(path)  # provenance ledger: derived from external weights, with the source's identity
+    return path, note

@@ -146,6 +146,7 @@ def upscale_checkpoint(model_dir: str | Path, out: str | Path, *, drop: int | No
     from kfoundry import checkpoint as ckpt_io
     from kfoundry.fileio import sha256_file
     from kfoundry.model.llama import Transformer
+    from kfoundry.provenance import record_checkpoint
 
     if (drop is None) == (layers is None):
         raise ValueError("give exactly one of --drop M or --layers PLAN")
@@ -186,4 +187,6 @@ def upscale_checkpoint(model_dir: str | Path, out: str | Path, *, drop: int | No
         },
     }
     meta.update({k: parent_meta[k] for k in EXTERNAL_FIELDS if k in parent_meta})
-    return ckpt_io.save_checkpoint(out, child, tok, meta=meta, overwrite=overwrite)
+    path = ckpt_io.save_checkpoint(out, child, tok, meta=meta, overwrite=overwrite)
+    record_checkpoint(path)  # provenance ledger: a derivation from the parent's recorded entry
+    return path

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.config import RunConfig, write_config
 from kfoundry.model.llama import Transformer
+from kfoundry.provenance import record_checkpoint
 from kfoundry.train import loop
 from kfoundry.train.optim import build_optimizer, lr_at
 
@@ -158,6 +159,7 @@ def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_d
         trainer_state={"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()},
         meta={"stage": "distill", "parent": str(teacher.resolve()), "final": True, "alpha": alpha,
               "temperature": temperature, "teacher_eval": teacher_eval}, overwrite=True)
+    record_checkpoint(ckpt)  # provenance ledger: derived (through outputs, not weights) from the teacher
     summary = {"checkpoint": str(ckpt), "step": step, "tokens_seen": tokens_seen, "final_loss": last.get("loss"),
                "eval": last_eval, "teacher_eval": teacher_eval, "alpha": alpha, "temperature": temperature,
                "params": student.num_params(), "teacher_params": teacher_model.num_params(),

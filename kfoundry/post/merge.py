@@ -31,6 +31,7 @@ import torch
 
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.config import to_dict
+from kfoundry.provenance import record_checkpoint
 
 METHODS = ("linear", "slerp")
 PARALLEL_DOT = 0.9995  # |cos(omega)| above this: treat as parallel and interpolate linearly
@@ -140,6 +141,7 @@ def merge(models: Sequence[str | Path], out: str | Path, *, method: str = "linea
     meta = {"stage": "merge", "method": method, "parents": parents, "parent": parents[0]["path"],
             "weights": norm, **({"t": norm[1]} if method == "slerp" else {})}
     ckpt_io.save_checkpoint(out, model, ckpt_io.load_tokenizer(paths[0]), meta=meta, overwrite=overwrite)
+    record_checkpoint(out)  # provenance ledger: a derivation naming every parent's recorded entry
     return meta
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kfoundry import checkpoint as ckpt_io
+from kfoundry import provenance
 from kfoundry.config import DataConfig, RunConfig, TrainConfig, to_dict, write_config
 from kfoundry.fileio import sha256_bytes
 from kfoundry.train import loop
@@ -84,6 +85,7 @@ class PostTrainer:
         path = ckpt_io.save_checkpoint(self.ckpt_root / f"step-{self.step:06d}", self.model, self.tok,
                                        optimizer=self.optimizer, trainer_state=state, meta=meta, overwrite=True)
         loop.prune_checkpoints(self.ckpt_root, self.tc.keep_last)
+        provenance.record_checkpoint(path)  # the ledger: weights hash, step, tokens, the base it derives from
         return path
 
     # ---------------------------------------------------------------------------------------------- loop

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from kfoundry import checkpoint as ckpt_io
+from kfoundry import provenance
 from kfoundry.config import RunConfig, to_dict, write_config
 from kfoundry.fileio import sha256_bytes
 from kfoundry.model.llama import Transformer
@@ -262,6 +263,9 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
     model.train()
     if main:
         write_config(cfg, out_dir)
+        if start is None and init is None:  # the ledger: random initialisation, before any step changes it
+            provenance.record_init(out_dir, model, seed=tc.seed)
+        provenance.record_data(out_dir, shard_dir, tokenizer_dir=tokenizer_dir)
     # Parallelism and compilation are applied from outside: the model file does not know about them.
     model = parallelize(model, info, mode=tc.parallel, activation_checkpointing=tc.activation_checkpointing,
                         compile_blocks=tc.compile and info.enabled)
@@ -312,6 +316,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
                                     trainer_state={**trainer_state, "loader": loader.state_dict()})
         if main:
             prune_checkpoints(ckpt_root, tc.keep_last)
+            provenance.record_checkpoint(path, run_dir=out_dir)  # weights hash, step, tokens, parent entry
         return path
 
     bar = None

@@ -1,0 +1,61 @@
+"""The speedrun's provenance stage: export the final model with its card, verify it, show the lineage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def speedrun_provenance(ckpt: str | Path, run_dir: str | Path) -> dict[str, Any]:
+    """Export CKPT to RUN/export/hf (the model card is written into it), verify its lineage; report fields.
+
+    A model Hugging Face Llama cannot represent (QK-norm) gets its card at RUN/model_card/README.md instead.
+    """
+    from kfoundry.export.hf import export_hf
+    from kfoundry.provenance.card import write_model_card
+    from kfoundry.provenance.verify import format_lineage, verify
+
+    run_dir = Path(run_dir)
+    export_dir: Path | None = run_dir / "export" / "hf"
+    try:
+        export_hf(ckpt, export_dir, overwrite=True)
+        card = export_dir / "README.md"
+        if not card.is_file():  # an export that does not write cards itself
+            card = write_model_card(ckpt, export_dir)
+    except ValueError:
+        export_dir = None
+        card = write_model_card(ckpt, run_dir / "model_card")
+    report = verify(ckpt)
+    return {"provenance": {"checkpoint": str(ckpt), "ok": report.ok, "origin": report.origin,
+                           "problems": report.problems, "lineage": format_lineage(report.lineage),
+                           "model_card": str(card), "export_hf": str(export_dir) if export_dir else None,
+                           "ledger": str(run_dir / "ledger.jsonl")}}
+
+
+def provenance_markdown(report: dict[str, Any]) -> str:
+    p = report.get("provenance")
+    if not p:
+        return ""
+    run_dir = Path(report.get("paths", {}).get("run_dir", "."))
+    try:
+        card = Path(p["model_card"]).resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        card = p["model_card"]
+    origin = {"init": "random initialisation (trained from scratch)", "external": "external weights",
+              }.get(p.get("origin"), "not recorded")
+    lines = ["", "## Provenance", "",
+             f"Ledger: {'intact, every recorded file matches' if p['ok'] else 'BROKEN'}; origin: {origin}. "
+             f"Model card: [{card}]({card}). Check it: `kfoundry provenance verify {p['checkpoint']}`.", ""]
+    if not p["ok"]:
+        lines += [f"- {x}" for x in p["problems"]] + [""]
+    lines += ["Lineage (origin first):", "", "```text", *p["lineage"], "```", ""]
+    return "\n".join(lines)
+
+
+def append_provenance_section(report_md: str | Path, report: dict[str, Any]) -> None:
+    from kfoundry.fileio import atomic_write_text
+
+    section = provenance_markdown(report)
+    if section:
+        report_md = Path(report_md)
+        atomic_write_text(report_md, report_md.read_text(encoding="utf-8") + section)
