@@ -1,0 +1,192 @@
+"""Step 4, decontamination: drop training documents that share a long word n-gram with an evaluation set.
+
+A benchmark item that is also in the training data measures memory, not ability, so every registered
+evaluation file is turned into an index of hashed n-grams (`build_index`) and each document that contains
+one of them is dropped as `contaminated` (`Decontaminate`), with the matching task and n-gram kept in the
+exclusion file.
+
+What is ours and what is datatrove's. The filter is datatrove's `NGramsDecontFilter` (the same text
+simplification, hashing and index file format); datatrove builds its index only from lighteval tasks on
+the Hugging Face hub, so the index builder here reads local files instead, and the filter is extended in
+one way: items shorter than n words are indexed whole (see below).
+
+- **Sources**: a folder of `.tsv`/`.csv` (every cell of every data row), `.jsonl` (every string value)
+  or `.txt` (every line) files, e.g. the local KoBEST copy in `shared/data/eval/kobest`. The task name is the
+  folder name plus the file's path inside it: `kobest_boolq_dev`. Any lm-eval task can be registered the
+  same way by writing its documents to a JSONL file.
+- **Words**: datatrove's `simplify_text` (lower case, no punctuation, digits as 0; NFC kept), then a
+  whitespace split.
+  For Korean a space-separated word is an eojeol, the unit closest to an English word, so the default
+  n = 13 means what it means for English (GPT-3's 13-gram rule). Morphemes would make 13-grams about
+  five eojeols long and match common phrases.
+- **Short items**: an item with fewer than `n_grams` words but at least `min_item_words` is indexed as one
+  whole-item n-gram of its own length, and documents are checked for those lengths too; shorter items
+  (a three-word review in SentiNeg, a COPA premise) are too generic to decontaminate by text overlap and
+  are counted as `items_too_short` in the index report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
+from datatrove.utils.hashing import HashConfig, create_hash_func
+from datatrove.utils.text import TextNormConfig, simplify_text
+
+from kfoundry.data.curate.words import SpaceWords
+from kfoundry.fileio import atomic_write_json, read_json
+from kfoundry.text import nfc
+
+# sha1, not datatrove's default xxhash: datatrove's xxhash helper needs xxhash<4, and our environment has 4.x.
+HASH = HashConfig(precision=64, hash_fc="sha1")
+INDEX_FILE = "index.json"
+SUFFIXES = (".tsv", ".csv", ".jsonl", ".txt")
+
+
+def decont_config(n_grams: int) -> NGramsDecontConfig:
+    # No diacritics stripping: datatrove does it through NFD, which decomposes Hangul syllables into jamo and
+    # costs a Python call per character; lower-casing, digits -> 0 and punctuation removal stay.
+    return NGramsDecontConfig(n_grams=n_grams, hash_config=HASH,
+                              norm_config=TextNormConfig(norm_unicode_diacritics=False))
+
+
+def item_words(text: str, cfg: NGramsDecontConfig) -> list[str]:
+    return simplify_text(nfc(text), cfg.norm_config).split()
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def iter_items(path: Path) -> Iterator[str]:
+    """The candidate texts of one evaluation file (see the module docstring for what each kind yields)."""
+    suffix = path.suffix.lower()
+    if suffix in (".tsv", ".csv"):
+        csv.field_size_limit(sys.maxsize)
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv"
+                      else csv.reader(f))
+            next(reader, None)  # header
+            for row in reader:
+                yield from (cell for cell in row if cell)
+    elif suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        yield from _strings(json.loads(line))
+                    except json.JSONDecodeError:
+                        continue
+    elif suffix == ".txt":
+        with open(path, encoding="utf-8") as f:
+            yield from (line for line in f if line.strip())
+
+
+def task_files(root: Path) -> list[tuple[str, Path]]:
+    """(task name, file) for every evaluation file under `root`, in sorted order."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"decontamination set not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    out = []
+    for p in files:
+        rel = p.relative_to(root).with_suffix("")
+        name = "_".join([root.name, *rel.parts])
+        out.append((re.sub(r"[^0-9A-Za-z_\-]+", "_", name), p))
+    return out
+
+
+def build_index(sources: list[str | Path], out_dir: str | Path, *, n_grams: int = 13,
+                min_item_words: int = 8) -> dict:
+    """Write `<task>.index.hashes` files and `index.json` (the report) into `out_dir`; return the report.
+
+    Skips the work when `out_dir/index.json` already describes the same sources and settings.
+    """
+    if not 1 <= min_item_words <= n_grams:
+        raise ValueError(f"decontamination: need 1 <= min_item_words <= n_grams, got {min_item_words}, {n_grams}")
+    out_dir = Path(out_dir)
+    settings = {"sources": [str(Path(s).resolve()) for s in sources], "n_grams": n_grams,
+                "min_item_words": min_item_words, "tokenizer": "simplify_text + whitespace", "hash": str(HASH)}
+    if (out_dir / INDEX_FILE).is_file():
+        old = read_json(out_dir / INDEX_FILE)
+        if old.get("settings") == settings:
+            return old
+    cfg = decont_config(n_grams)
+    hash_fn = create_hash_func(cfg.hash_config)
+    hashes: dict[str, set[int]] = defaultdict(set)
+    tasks: dict[str, dict] = {}
+    sizes: set[int] = set()
+    for source in sources:
+        for task, path in task_files(Path(source)):
+            stat = tasks.setdefault(task, {"file": str(path), "items": 0, "items_indexed": 0,
+                                           "items_too_short": 0})
+            for text in iter_items(path):
+                if not any(c.isalpha() for c in text):
+                    continue  # ids, numbers and scores are not text items
+                stat["items"] += 1
+                words = item_words(text, cfg)
+                if len(words) < min_item_words:
+                    stat["items_too_short"] += 1
+                    continue
+                n = min(n_grams, len(words))
+                sizes.add(n)
+                stat["items_indexed"] += 1
+                hashes[task].update(hash_fn(" ".join(words[i:i + n])) for i in range(len(words) - n + 1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.index.hashes"):
+        old.unlink()
+    for task, hs in hashes.items():
+        np.array(sorted(hs), dtype=cfg.hash_config.np_dtype).tofile(out_dir / f"{task}.index.hashes")
+        tasks[task]["hashes"] = len(hs)
+    report = {"settings": settings, "sizes": sorted(sizes), "tasks": tasks,
+              "items": sum(t["items"] for t in tasks.values()),
+              "items_indexed": sum(t["items_indexed"] for t in tasks.values()),
+              "items_too_short": sum(t["items_too_short"] for t in tasks.values())}
+    atomic_write_json(out_dir / INDEX_FILE, report)
+    return report
+
+
+class Decontaminate(NGramsDecontFilter):
+    """datatrove's n-gram decontamination filter, also checking the whole-item lengths of short items."""
+
+    name = "🦠 Decontaminate (n-grams)"
+
+    def __init__(self, index_dir: str | Path, n_grams: int = 13, exclusion_writer=None):
+        super().__init__(str(index_dir), config=decont_config(n_grams), exclusion_writer=exclusion_writer,
+                         language=SpaceWords())
+        self.index_dir = str(index_dir)
+        self._sizes: list[int] | None = None
+
+    def filter(self, doc) -> bool | tuple[bool, str]:
+        if self._index_hashes is None:
+            self.load_index_hashes()
+            report = read_json(Path(self.index_dir) / INDEX_FILE)
+            self._sizes = sorted(set(report.get("sizes") or []), reverse=True)
+        if not self._index_hashes:
+            return True
+        words = self.tokenizer.word_tokenize(simplify_text(doc.text, self.config.norm_config))
+        for n in self._sizes:
+            for i in range(len(words) - n + 1):
+                gram = " ".join(words[i:i + n])
+                task = self._index_hashes.get(self.hash_func(gram))
+                if task is not None:
+                    doc.metadata["contaminated_ngram"] = nfc(gram)
+                    doc.metadata["contaminated_task"] = task
+                    self.stat_update(f"contaminated_{task}")
+                    return False, "contaminated"
+        return True

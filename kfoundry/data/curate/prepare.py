@@ -1,0 +1,200 @@
+"""`prepare`: run a curation recipe on a corpus SPEC into an output directory.
+
+    from kfoundry.data.curate import prepare
+    card = prepare("corpus.jsonl.gz", "out/data", recipe="ko-web", workers=2)
+    card["totals"], card["identity"]["ok"], card["steps"]
+
+The output directory (its layout is in docs/curation.md):
+
+    prepare.json        the settings of this run (a re-run with other settings is refused, see below)
+    ingest/ filtered/ unique/   intermediate JSONL shards (one per task)
+    curated/            the curated documents, NNNNN.jsonl.gz: a corpus SPEC in its own right
+    removed/<step>/     exclusion files: every removed document with `filter_reason`
+    accounting/<step>/  per-task counts; data_card.json/.md and *.png: the data card
+    tokenizer/ shards/  token shards for training (unless shards=False)
+    dedup/ decontam_index/ logs/<stage>/ (datatrove's logs, stats and completion markers)
+
+Re-running on the same directory with the same settings resumes: finished stages and tasks are skipped
+(datatrove's completion markers), unfinished ones run again; a finished run returns its card at once.
+Different settings raise ValueError unless `overwrite=True`, because mixing the outputs of two recipes
+would make the accounting meaningless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from kfoundry.data.curate.recipe import Recipe, load_recipe, resolve_set
+from kfoundry.fileio import atomic_write_json, read_json
+
+SETTINGS_FILE = "prepare.json"
+# Settings that may change between a run and its resumption without changing any result.
+_RUN_ONLY = ("executor", "workers", "steps", "decontam_note")
+
+
+def _default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _datatrove_output_to(path: Path, verbose: bool) -> Iterator[Callable[[str], None]]:
+    """Send datatrove's (loguru, tqdm) console output to `path`; yield a logger that still reaches the user.
+
+    datatrove re-adds a stderr sink for every task, so a level setting cannot quiet it; redirecting file
+    descriptor 2 also catches its worker processes.
+    """
+    if verbose:
+        yield _default_log
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    real = os.fdopen(os.dup(saved), "w", buffering=1, encoding="utf-8")
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield lambda msg: print(msg, file=real, flush=True)
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        real.close()
+
+
+def _decontam_sets(recipe: Recipe, decontam: list[str] | None) -> tuple[list[str], str]:
+    """Folders to decontaminate against, and a note when the recipe's default sets are missing."""
+    if decontam is not None:
+        paths = [Path(d).expanduser() for d in decontam]
+        for p in paths:
+            if not p.is_dir():
+                raise FileNotFoundError(f"--decontam folder not found: {p}")
+        return [str(p.resolve()) for p in paths], ""
+    if not recipe.decontaminate.enabled:
+        return [], "decontamination off in the recipe"
+    found, missing = [], []
+    for entry in recipe.decontaminate.sets:
+        p = resolve_set(entry)
+        (found if p.is_dir() else missing).append(str(p.resolve() if p.is_dir() else p))
+    note = f"evaluation sets not found, not used: {', '.join(missing)}" if missing else ""
+    return found, note
+
+
+def prepare(
+    corpus: str,
+    out: str | Path,
+    *,
+    recipe: str | Path | Recipe = "ko-web",
+    executor: str = "local",
+    workers: int = 1,
+    tasks: int | None = None,
+    decontam: list[str] | None = None,
+    tokenizer: str | Path | None = None,
+    shards: bool = True,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    executor_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+    log: Callable[[str], None] = _default_log,
+) -> dict[str, Any]:
+    """Curate `corpus` into `out`; return the data card (with `stage_seconds` added for a local run).
+
+    workers: processes at a time (local) or concurrent tasks (slurm/ray); tasks: how many pieces the corpus
+    is cut into (default 2 x workers). decontam: folders of evaluation files, replacing the recipe's sets
+    ([] turns decontamination off). tokenizer: an existing tokenizer for the shards (default: train one).
+    executor_options: extra keyword arguments for datatrove's executor (slurm needs partition and time).
+    """
+    from kfoundry.corpus import iter_documents
+    from kfoundry.data.curate.decontam import build_index
+    from kfoundry.data.curate.finalize import Finalize
+    from kfoundry.data.curate.stages import build_plan, check_executor, make_executors, run_local
+
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    check_executor(executor, executor_options)
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    tasks = tasks if tasks is not None else 2 * workers
+    if tasks < 1:
+        raise ValueError(f"--tasks must be at least 1, got {tasks}")
+    if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer directory not found (no tokenizer.json): {tokenizer}")
+    iter_documents(corpus)  # checks the SPEC now: a missing path fails here, not inside a worker
+    out = Path(out).expanduser().resolve()
+    sets, note = _decontam_sets(rec, decontam)
+    settings: dict[str, Any] = {
+        "format": "kfoundry.prepare", "version": 1, "corpus": corpus, "recipe": rec.to_dict(), "tasks": tasks,
+        "executor": executor, "workers": workers, "decontam_sets": sets, "decontam_note": note,
+        "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else None, "shards": shards,
+        "vocab_size": vocab_size or rec.output.vocab_size, "val_fraction": rec.output.val_fraction, "seed": seed,
+        "decontam_index": str(out / "decontam_index") if sets else None,
+    }
+
+    if (out / SETTINGS_FILE).is_file():
+        old = read_json(out / SETTINGS_FILE)
+        differ = sorted(k for k in {*old, *settings} - set(_RUN_ONLY) if old.get(k) != settings.get(k))
+        same = not differ
+        if not same and not overwrite:
+            raise ValueError(f"{out} holds a curation run with other settings ({', '.join(differ)}); choose "
+                             "another --out or pass --overwrite")
+        if not same:
+            shutil.rmtree(out)
+        elif (out / "data_card.json").is_file() and (out / "logs" / "finalize" / "completions" / "00000").is_file():
+            log(f"[data prepare] {out} is already complete; nothing to do")
+            return read_json(out / "data_card.json")
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{out} exists and is not a curation run; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if note:
+        log(f"[data prepare] note: {note}")
+    index_dir = Path(settings["decontam_index"]) if sets else None
+    if index_dir is not None:
+        report = build_index(sets, index_dir, n_grams=rec.decontaminate.n_grams,
+                             min_item_words=rec.decontaminate.min_item_words)
+        log(f"[data prepare] decontamination index: {report['items_indexed']:,} evaluation items from "
+            f"{len(report['tasks'])} files")
+
+    def build() -> tuple[Any, list[Any]]:
+        finalize_step = Finalize(out, settings)
+        plan = build_plan(corpus, out, rec, tasks, decontam_index=index_dir, finalize=finalize_step, seed=seed)
+        settings["steps"] = plan.steps  # the same dict the finalize step holds
+        atomic_write_json(out / SETTINGS_FILE, settings)
+        return plan, make_executors(plan, executor, workers, executor_options)
+
+    if executor != "local":
+        plan, executors = build()
+        executors[-1].run()  # slurm submits the chain and returns; ray runs it
+        card_path = out / "data_card.json"
+        if card_path.is_file():
+            return read_json(card_path)
+        log(f"[data prepare] submitted {len(executors)} stages with {executor}; the data card will be at {card_path}")
+        return {"submitted": True, "out": str(out), "stages": [s.name for s in plan.stages]}
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    with _datatrove_output_to(out / "logs" / "datatrove.log", verbose) as say:
+        def on_stage(name: str, secs: float) -> None:
+            seconds[name] = secs
+            say(f"[data prepare] {name:<10} {secs:7.1f} s")
+
+        say(f"[data prepare] recipe {rec.name}: {corpus} -> {out} ({tasks} tasks, {workers} workers)")
+        plan, executors = build()
+        try:
+            run_local(executors, [s.name for s in plan.stages], on_stage)
+        except Exception as e:
+            # the traceback is in the datatrove log; the user gets one line and where to look
+            raise RuntimeError(f"data prepare failed: {e} (details: {out / 'logs'})") from e
+    card = read_json(out / "data_card.json")
+    card["stage_seconds"] = seconds
+    card["wall_seconds"] = time.perf_counter() - start
+    atomic_write_json(out / "run_summary.json", {"stage_seconds": seconds, "wall_seconds": card["wall_seconds"],
+                                                 "workers": workers, "tasks": tasks})
+    return card
