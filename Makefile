@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0   # CPU wheel; GPU users: see docs/install.md
 OUT ?= runs/speedrun
+# llama-cpp-python (test extra) compiles llama.cpp from source once; pip caches the wheel (~/.cache/pip) after that.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: setup speedrun test clean
 
@@ -13,7 +16,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(strip $(TORCH_PIN))"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/kfoundry eval --install-lm-eval-plugin >/dev/null  # `lm_eval --model kfoundry` (lm-eval 0.4 has no plugin discovery)
 
 speedrun: setup

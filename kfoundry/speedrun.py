@@ -1,6 +1,6 @@
 """`kfoundry speedrun`: the whole pipeline on one machine, end to end, as a demo and a first lesson.
 
-    corpus -> tokenizer/ -> shards/ -> pretrain (ckpt/) -> samples -> validation bits per byte -> report
+    corpus -> data/ (curated) -> tokenizer/ -> shards/ -> pretrain (ckpt/) -> samples -> validation bits per byte -> report
 
 Each stage writes into the run directory and is timed; `report.md` / `report.json` say what ran, how long each
 stage took, how far the loss fell, and where every artefact is. Later stages (SFT, evaluation, export,
@@ -10,6 +10,7 @@ provenance) join this same command as they are built.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def speedrun(cfg, out: Path, progress: bool = True) -> dict:
     from kfoundry.config import to_dict, write_config
     from kfoundry.model.cli import complete
     from kfoundry.model.generate import SamplingParams
-    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
+    from kfoundry.pipeline import ensure_curated, ensure_shards, ensure_tokenizer
     from kfoundry.report.run_report import read_metrics, write_report
     from kfoundry.train.loop import pretrain
 
@@ -67,12 +68,17 @@ def speedrun(cfg, out: Path, progress: bool = True) -> dict:
         print(f"[speedrun] {name}", file=sys.stderr)
         return time.perf_counter()
 
+    t = stage("data prepare")  # curation into out/data; the tokenizer and shards then read the curated corpus
+    curated = ensure_curated(out, cfg)
+    data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, corpus=str(curated)))
+    seconds["data_prepare"] = time.perf_counter() - t
+
     t = stage("tokenizer")
-    tok_dir = ensure_tokenizer(out, cfg)
+    tok_dir = ensure_tokenizer(out, data_cfg)
     seconds["tokenizer"] = time.perf_counter() - t
 
     t = stage("shards")
-    shard_dir = ensure_shards(out, cfg, tok_dir)
+    shard_dir = ensure_shards(out, data_cfg, tok_dir)
     seconds["shards"] = time.perf_counter() - t
 
     t = stage("pretrain")
@@ -87,12 +93,38 @@ def speedrun(cfg, out: Path, progress: bool = True) -> dict:
     samples = [{"lang": lang, "prompt": p, "completion": c} for (lang, p), c in zip(SAMPLE_PROMPTS, texts)]
     seconds["samples"] = time.perf_counter() - t
 
+    t = stage("eval")  # bits per byte + the offline KoBEST pack at a small limit (`kfoundry eval` for the full set)
+    from kfoundry.eval.report import append_eval_section
+    from kfoundry.eval.runner import speedrun_eval
+
+    evaluation = speedrun_eval(ckpt, out, limit=20, model=model, tokenizer=tok)
+    seconds["eval"] = time.perf_counter() - t
+
+    t = stage("sft")  # fine-tune on the starter chat set; the report shows answers before and after
+    from kfoundry.post.stage import append_chat_section, speedrun_sft
+
+    chat = speedrun_sft(ckpt, out, cfg, progress=progress)
+    seconds["sft"] = time.perf_counter() - t
+
+    t = stage("gguf")  # the edge format: one GGUF file for llama.cpp, and a llama.cpp sample when it is installed
+    from kfoundry.export.gguf import append_gguf_section, speedrun_gguf
+
+    edge = speedrun_gguf(ckpt, out, SAMPLE_PROMPTS[0][1], seed=cfg.train.seed)
+    seconds["gguf"] = time.perf_counter() - t
+
+    t = stage("provenance")  # HF export with the model card (EN/KO), ledger verification, lineage
+    from kfoundry.provenance.report import append_provenance_section, speedrun_provenance
+
+    prov = speedrun_provenance(ckpt, out)
+    seconds["provenance"] = time.perf_counter() - t
+
     metrics = read_metrics(out)
     losses = [m["loss"] for m in metrics if "loss" in m and m.get("event") is None]
     ev = summary.get("eval") or {}
     report = {
         "preset": cfg.preset,
         "corpus": cfg.data.corpus,
+        "curated_corpus": str(curated),  # data card: out/data/data_card.md
         "steps": summary["step"],
         "tokens_seen": summary["tokens_seen"],
         "params": summary["params"],
@@ -104,9 +136,17 @@ def speedrun(cfg, out: Path, progress: bool = True) -> dict:
         "peak_source": summary["peak_source"],
         "stage_seconds": seconds,
         "samples": samples,
+        **edge,  # "gguf": path, type, size_bytes, llama_cpp_sample
+        **chat,  # "sft" (losses, steps, checkpoint) and "chat_samples" (before/after answers)
+        **evaluation,  # eval_bpb_<lang>, eval_kobest_acc/f1, eval_report
+        **prov,  # "provenance": ok, origin, lineage, model_card, export_hf
         "paths": {"run_dir": str(out), "tokenizer": str(tok_dir), "shards": str(shard_dir), "checkpoint": str(ckpt),
                   "metrics": str(out / "metrics.jsonl"), "tensorboard": str(out / "tb")},
         "config": to_dict(cfg),
     }
     write_report(out, report)
+    append_gguf_section(out / "report.md", report)
+    append_chat_section(out / "report.md", report)
+    append_eval_section(out / "report.md", report)
+    append_provenance_section(out / "report.md", report)
     return report

@@ -1,4 +1,4 @@
-"""`kfoundry export hf --model CKPT --out DIR` (GGUF joins this group later)."""
+"""`kfoundry export hf --model CKPT --out DIR` and `kfoundry export gguf --model CKPT --out FILE --type T`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("--out", required=True, help="output directory")
     hf.add_argument("--overwrite", action="store_true")
     hf.set_defaults(func=_export_hf)
+    gg = formats.add_parser("gguf", help="one GGUF file for llama.cpp (f32, f16, q8_0 or q4_0)")
+    gg.add_argument("--model", required=True, help="checkpoint directory")
+    gg.add_argument("--out", required=True, help="output .gguf file")
+    gg.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"], help="storage of the matrices")
+    gg.add_argument("--overwrite", action="store_true")
+    gg.set_defaults(func=_export_gguf)
 
 
 def _export_hf(args) -> int:
@@ -20,4 +26,12 @@ def _export_hf(args) -> int:
 
     out = export_hf(args.model, args.out, overwrite=args.overwrite)
     print(f"exported Hugging Face model to {out}")
+    return 0
+
+
+def _export_gguf(args) -> int:
+    from kfoundry.export.gguf import export_gguf
+
+    res = export_gguf(args.model, args.out, out_type=args.type, overwrite=args.overwrite)
+    print(f"exported {res.out_type} GGUF to {res.path} ({res.size_bytes / 1e6:.2f} MB)")
     return 0

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only matrices (CPU decoding)")
     p.set_defaults(func=_generate)
 
 
@@ -34,6 +35,10 @@ def _generate(args) -> int:
     from kfoundry.model.generate import SamplingParams
 
     model = load_model(args.model, device=args.device)
+    if args.quantize == "int8":
+        from kfoundry.model.quantize import quantize_int8
+
+        quantize_int8(model)
     tok = load_tokenizer(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)

@@ -1,0 +1,98 @@
+"""Distillation: the loss is what the docstring says, a distilled student beats the same student trained without a
+teacher for the same steps (validation bits per byte), and `kfoundry distill --student-preset nano` runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kfoundry.checkpoint import load_config, load_tokenizer, read_meta
+from kfoundry.cli import main
+from kfoundry.config import resolve
+from kfoundry.post.distill import distill_loss
+
+STUDENT = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
+           "train.max_steps=30", "train.warmup_steps=4", "train.eval_every=30", "train.log_every=10"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A test-micro teacher (~107k parameters) trained on the starter corpus, and its shards."""
+    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
+    from kfoundry.train import loop
+
+    base = tmp_path_factory.mktemp("teacher")
+    cfg = resolve("test-micro", overrides=["train.max_steps=200", "train.eval_every=200", "train.ckpt_every=200"])
+    tok_dir = ensure_tokenizer(base, cfg)
+    shards = ensure_shards(base, cfg, tok_dir)
+    summary = loop.pretrain(cfg, base / "run", shard_dir=shards, tokenizer_dir=tok_dir, progress=False)
+    return summary["checkpoint"], shards
+
+
+def test_loss_parts():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    y[0, 0] = -1  # ignored position
+    ce = F.cross_entropy(s.reshape(-1, 11), y.reshape(-1), ignore_index=-1)
+    loss, parts = distill_loss(s, t, y, alpha=0.0, temperature=2.0)
+    assert torch.allclose(loss, ce) and parts["kl"] == 0.0  # alpha 0 is plain pretraining
+    loss_same, parts_same = distill_loss(s, s, y, alpha=1.0, temperature=2.0)
+    assert abs(parts_same["kl"]) < 1e-6 and float(loss_same) < 1e-5  # a student equal to its teacher: no KL
+    keep = y.reshape(-1) >= 0
+    T = 3.0
+    p_t = F.softmax(t.reshape(-1, 11)[keep] / T, -1)
+    log_p_s = F.log_softmax(s.reshape(-1, 11)[keep] / T, -1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+    loss, parts = distill_loss(s, t, y, alpha=0.25, temperature=T)
+    assert math.isclose(parts["kl"], float(kl), rel_tol=1e-5)
+    assert torch.allclose(loss, 0.75 * ce + 0.25 * T**2 * kl, rtol=1e-5)
+
+
+def _distill_cli(teacher, shards, out, *args, capsys):
+    rc = main(["distill", "--teacher", str(teacher), "--out", str(out), "--shards", str(shards), "--no-progress",
+               *args])
+    assert rc == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_student_beats_no_teacher_baseline(teacher, tmp_path, capsys):
+    ckpt, shards = teacher
+    sets = [a for s in STUDENT for a in ("--set", s)]
+    base = _distill_cli(ckpt, shards, tmp_path / "baseline", "--student-preset", "test-micro", "--alpha", "0",
+                        *sets, capsys=capsys)
+    kd = _distill_cli(ckpt, shards, tmp_path / "kd", "--student-preset", "test-micro", *sets, capsys=capsys)
+    assert kd["params"] == base["params"] < kd["teacher_params"] / 3  # a much smaller student, same both runs
+    assert kd["step"] == base["step"] == 30
+    # Same size, data, order, seed and steps: only the teacher's soft targets differ.
+    assert kd["eval"]["val_bpb"] < base["eval"]["val_bpb"] - 0.03, (kd["eval"], base["eval"])
+    assert kd["teacher_eval"]["val_bpb"] < kd["eval"]["val_bpb"]  # and the teacher is still better
+    meta = read_meta(kd["checkpoint"])
+    assert meta["stage"] == "distill" and meta["parent"] == str(Path(ckpt).resolve()) and meta["alpha"] == 0.5
+
+
+def test_nano_preset_student(teacher, tmp_path, capsys):
+    ckpt, shards = teacher
+    out = _distill_cli(ckpt, shards, tmp_path / "nano", "--student-preset", "nano", "--set", "train.max_steps=2",
+                       "--set", "train.seq_len=64", "--set", "train.micro_batch_size=2", "--set",
+                       "train.eval_batches=1", capsys=capsys)
+    cfg = load_config(out["checkpoint"])
+    teacher_cfg = load_config(ckpt)
+    assert (cfg.dim, cfg.n_layers, cfg.ffn_dim) == (128, 4, 384)
+    assert cfg.vocab_size == teacher_cfg.vocab_size  # the teacher's tokenizer, hence its vocabulary
+    assert load_tokenizer(out["checkpoint"]).hash == load_tokenizer(ckpt).hash
+    assert all(d % 32 == 0 for d in (cfg.dim, cfg.ffn_dim))  # exports as Q8_0 / Q4_0 GGUF
+
+
+def test_bad_input(teacher, tmp_path):
+    ckpt, shards = teacher
+    assert main(["distill", "--teacher", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["distill", "--teacher", str(ckpt), "--out", str(tmp_path / "o"), "--shards", str(shards),
+                 "--alpha", "1.5", "--no-progress"]) == 2
+    assert main(["distill", "--teacher", str(ckpt), "--out", str(tmp_path / "o"), "--shards", str(shards),
+                 "--student-preset", "no-such-preset"]) == 2
