@@ -73,7 +73,7 @@ def test_student_beats_no_teacher_baseline(teacher, tmp_path, capsys):
     assert kd["eval"]["val_bpb"] < base["eval"]["val_bpb"] - 0.03, (kd["eval"], base["eval"])
     assert kd["teacher_eval"]["val_bpb"] < kd["eval"]["val_bpb"]  # and the teacher is still better
     meta = read_meta(kd["checkpoint"])
-    assert meta["stage"] == "distill" and meta["parent"] == str(Path(ckpt).resolve()) and meta["alpha"] == 0.5
+    assert meta["stage"] == "distill" and meta["parent"] == str(Path(ckpt).resolve()) and meta["alpha"] == 0.9
 
 
 def test_nano_preset_student(teacher, tmp_path, capsys):

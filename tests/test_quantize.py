@@ -124,3 +124,30 @@ def test_generate_cli_quantize_int8(tok, trained, tmp_path, capsys):
     assert quantized == plain and quantized.startswith("대한민국은")
     with pytest.raises(SystemExit):  # argparse refuses a scheme we do not have
         main(base + ["--quantize", "int4"])
+
+
+def test_serve_with_int8_weights_answers_like_generate(tok, trained, tmp_path):
+    """`kfoundry serve --quantize int8`: the served model is the int8 one, and a greedy completion equals the
+    int8 generator's own greedy output."""
+    from fastapi.testclient import TestClient
+
+    from kfoundry.serve.app import app_from_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", trained, tok)
+    app, scheduler = app_from_checkpoint(ckpt, quantize="int8")
+    try:
+        assert any(isinstance(m, Int8Linear) for m in scheduler.model.modules())
+        q = copy.deepcopy(trained)
+        quantize_int8(q)
+        prompt = "대한민국은"
+        want = generate(q, [tok.encode(prompt, bos=True)], SamplingParams(max_new_tokens=8),
+                        stop_ids={tok.eos_id, tok.eot_id})[0]
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"model": ckpt.name, "prompt": prompt, "max_tokens": 8,
+                                                     "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == tok.decode(want)
+    finally:
+        scheduler.stop()
+    with pytest.raises(ValueError, match="unknown quantization"):
+        app_from_checkpoint(ckpt, quantize="int4", start=False)

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", default=None, help="corpus spec for the shards (default: the preset's)")
     p.add_argument("--shards", default=None,
                    help="token shards written with the teacher's tokenizer (default: OUT/shards, built if missing)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term; 0 = no teacher (baseline)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softening temperature T (> 0)")
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the KL term; 0 = no teacher (baseline)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softening temperature T (> 0)")
     p.add_argument("--no-progress", action="store_true", help="no log lines or TensorBoard")
     p.set_defaults(func=_distill)
 

@@ -100,11 +100,18 @@ class CancellingStream(StreamingResponse):
 
 
 def app_from_checkpoint(path: str | Path, cfg: ServeConfig | None = None, *, device: str = "cpu", max_batch: int = 8,
-                        max_queue: int = 64, start: bool = True) -> tuple[FastAPI, Scheduler]:
-    """Load a checkpoint directory and build its app and scheduler (started unless `start=False`)."""
+                        max_queue: int = 64, start: bool = True, quantize: str | None = None) -> tuple[FastAPI, Scheduler]:
+    """Load a checkpoint directory and build its app and scheduler (started unless `start=False`).
+    quantize="int8" serves int8 weight-only matrices (kfoundry/model/quantize.py): a quarter of the weight memory."""
     from kfoundry.checkpoint import load_model, load_tokenizer
 
     model = load_model(path, device=device)
+    if quantize == "int8":
+        from kfoundry.model.quantize import quantize_int8
+
+        quantize_int8(model)
+    elif quantize is not None:
+        raise ValueError(f"unknown quantization {quantize!r} (use int8)")
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "

@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--model-name", default=None, help="name in /v1/models (default: the checkpoint folder's name)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only matrices (CPU serving)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (torch.set_num_threads; default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -49,7 +50,7 @@ def _serve(args) -> int:
                       request_timeout=args.timeout, max_tokens=args.max_tokens,
                       default_max_tokens=args.default_max_tokens)
     app, scheduler = app_from_checkpoint(path, cfg, device=args.device, max_batch=args.max_batch,
-                                         max_queue=args.max_queue)
+                                         max_queue=args.max_queue, quantize=args.quantize)
     if cfg.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"kfoundry serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"kfoundry serve: {cfg.model_name} (context {scheduler.max_len}, batch {args.max_batch}) on "
