@@ -3,7 +3,7 @@
 Builds a tokenizer and shards for the corpus once (cached in --work), then pretrains and reads the wall-clock
 time at which the validation bpb first reached --target from metrics.jsonl.
 
-    .venv/bin/python bench/time_to_bpb.py [--target 2.2] [--steps 600] [--work runs/bench-nsmc]
+    .venv/bin/python bench/time_to_bpb.py [--target 2.0] [--steps 600] [--work runs/bench-nsmc]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ SHARED = Path(os.environ.get("KFOUNDRY_SHARED_DATA", Path(__file__).resolve().pa
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", type=float, default=2.2, help="validation bits per byte to reach")
+    ap.add_argument("--target", type=float, default=2.0, help="validation bits per byte to reach")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--work", default="runs/bench-nsmc")
