@@ -2,6 +2,16 @@
 
 Tests that need it skip with a reason when it is absent; `.ci/run` sets KFOUNDRY_REQUIRE_SHARED=1 so that a
 missing shared folder fails CI instead of silently skipping.
+
+Tiny models, built once per session and shared by every test file that asks for them:
+
+- `tiny_tokenizer(texts, vocab_size)` and `tiny_checkpoint(texts, vocab_size, **model)`: a BPE tokenizer trained
+  on a file's own texts, and a randomly initialised (seed 0) checkpoint of test-micro's shape with it;
+- `micro_data`: the test-micro tokenizer and token shards, from the starter corpus;
+- `micro_trained`: a test-micro model (context 128) pretrained for 200 steps on `micro_data`.
+
+They are shared, so they are read-only: a test that would write into one copies it first.
+`one_thread` pins torch to one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
 """
 
 from __future__ import annotations
@@ -41,3 +51,88 @@ def shared_data() -> Path:
 @pytest.fixture
 def mixed_texts() -> list[str]:
     return list(MIXED_TEXTS)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """tiny_tokenizer(texts, vocab_size) -> a KTokenizer trained on `texts`, once per session per arguments."""
+    from kfoundry.tokenizer import train_tokenizer
+
+    built = {}
+
+    def make(texts, vocab_size: int):
+        key = (tuple(texts), vocab_size)
+        if key not in built:
+            built[key] = train_tokenizer(list(texts), vocab_size)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
+    """tiny_checkpoint(texts, vocab_size, **model) -> (checkpoint dir, tokenizer).
+
+    A seed-0 random model of test-micro's shape (dim 64, 2 layers, 4 heads / 2 key-value heads, ffn 128,
+    context 64, tied embeddings; `model` overrides any of these) saved with `tiny_tokenizer(texts, vocab_size)`.
+    Built once per session per arguments; read-only.
+    """
+    import dataclasses
+
+    from kfoundry.checkpoint import save_checkpoint
+    from kfoundry.config import resolve
+    from kfoundry.model.llama import Transformer
+
+    built = {}
+
+    def make(texts, vocab_size: int, **model):
+        key = (tuple(texts), vocab_size, tuple(sorted(model.items())))
+        if key not in built:
+            tok = tiny_tokenizer(texts, vocab_size)
+            cfg = dataclasses.replace(resolve("test-micro").model, vocab_size=tok.vocab_size, **model)
+            path = save_checkpoint(tmp_path_factory.mktemp("tiny") / "base", Transformer.build(cfg, seed=0), tok)
+            built[key] = (path, tok)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def micro_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(tokenizer dir, shard dir) for the test-micro preset, built from the starter corpus. Read-only."""
+    from kfoundry.config import resolve
+    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
+
+    base = tmp_path_factory.mktemp("micro-data")
+    cfg = resolve("test-micro")
+    tok_dir = ensure_tokenizer(base, cfg, log=lambda m: None)
+    return tok_dir, ensure_shards(base, cfg, tok_dir, log=lambda m: None)
+
+
+MICRO_TRAINED = ["train.max_steps=200", "train.eval_every=200", "train.ckpt_every=200", "model.max_seq_len=128"]
+
+
+@pytest.fixture(scope="session")
+def micro_trained(micro_data, tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, shard dir): a test-micro model (~107k parameters, context 128) pretrained for 200 steps on
+    `micro_data`. Read-only. Training uses seq_len 64, so the context of 128 changes no weight (the same run
+    with context 64 ends bit-identical); it only lets llama.cpp and chat prompts be longer."""
+    from kfoundry.config import resolve
+    from kfoundry.train import loop
+
+    tok_dir, shards = micro_data
+    cfg = resolve("test-micro", overrides=MICRO_TRAINED)
+    summary = loop.pretrain(cfg, tmp_path_factory.mktemp("micro-trained") / "run", shard_dir=shards,
+                            tokenizer_dir=tok_dir, progress=False, log=lambda m: None)
+    return Path(summary["checkpoint"]), shards

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from kfoundry.checkpoint import load_config, load_tokenizer, read_meta
 from kfoundry.cli import main
-from kfoundry.config import resolve
 from kfoundry.post.distill import distill_loss
 
 STUDENT = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
@@ -21,17 +20,10 @@ STUDENT = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_he
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    """A test-micro teacher (~107k parameters) trained on the starter corpus, and its shards."""
-    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
-    from kfoundry.train import loop
-
-    base = tmp_path_factory.mktemp("teacher")
-    cfg = resolve("test-micro", overrides=["train.max_steps=200", "train.eval_every=200", "train.ckpt_every=200"])
-    tok_dir = ensure_tokenizer(base, cfg)
-    shards = ensure_shards(base, cfg, tok_dir)
-    summary = loop.pretrain(cfg, base / "run", shard_dir=shards, tokenizer_dir=tok_dir, progress=False)
-    return summary["checkpoint"], shards
+def teacher(micro_trained):
+    """A test-micro teacher (~107k parameters) trained 200 steps on the starter corpus, and its shards (shared
+    with tests/test_gguf.py through conftest's `micro_trained`)."""
+    return micro_trained
 
 
 def test_loss_parts():

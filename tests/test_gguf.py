@@ -24,7 +24,7 @@ import torch
 
 from kfoundry.checkpoint import load_model, load_tokenizer, save_checkpoint
 from kfoundry.cli import main
-from kfoundry.config import ModelConfig, resolve
+from kfoundry.config import ModelConfig
 from kfoundry.export.gguf import GGUF_TYPES, export_gguf, permute_for_rope
 from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.model.llama import Transformer, apply_rope, rope_cos_sin, rope_inv_freq
@@ -63,19 +63,10 @@ def open_llama(llama_cpp, path: Path, n_ctx: int = 128, logits_all: bool = True)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A test-micro model (dim 64, ffn 128, GQA 4/2 heads, tied embeddings, context 128) trained briefly on the
-    starter corpus."""
-    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
-    from kfoundry.train import loop
-
-    base = tmp_path_factory.mktemp("gguf-model")
-    cfg = resolve("test-micro", overrides=["train.max_steps=150", "train.eval_every=150", "train.ckpt_every=150",
-                                           "model.max_seq_len=128"])
-    tok_dir = ensure_tokenizer(base, cfg)
-    shards = ensure_shards(base, cfg, tok_dir)
-    summary = loop.pretrain(cfg, base / "run", shard_dir=shards, tokenizer_dir=tok_dir, progress=False)
-    return Path(summary["checkpoint"]), shards
+def trained(micro_trained):
+    """A test-micro model (dim 64, ffn 128, GQA 4/2 heads, tied embeddings, context 128) trained briefly (200 steps)
+    on the starter corpus, and its shards: conftest's `micro_trained`, also the teacher of tests/test_distill.py."""
+    return micro_trained
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from kfoundry import checkpoint as ckpt_io
-from kfoundry.config import ModelConfig
 from kfoundry.model.generate import SamplingParams
-from kfoundry.model.llama import Transformer
 from kfoundry.post.chat import ChatSession, StreamDecoder, repl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,27 +31,17 @@ CHATS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
-def chat_model(tmp_path_factory):
+def chat_model(tiny_checkpoint, tmp_path_factory):
     """A tiny model fine-tuned until it answers the two turns above word for word (greedy decoding)."""
     from kfoundry.post.sft import sft, sft_train_config
-    from kfoundry.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("chat")
     texts = [m["content"] for c in CHATS for m in c] + ["The quick brown fox.", "대한민국은 민주공화국이다."]
-    tok = train_tokenizer(texts * 40, 350)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                      max_seq_len=96, tie_embeddings=True)
-    base = ckpt_io.save_checkpoint(d / "base", Transformer.build(cfg, seed=0), tok)
+    base, _ = tiny_checkpoint(texts * 40, 350, max_seq_len=96)  # conftest: a random test-micro-sized model
     data = d / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CHATS), encoding="utf-8")
     tc = sft_train_config("test-micro", ["train.lr=1e-2", "train.warmup_steps=5", "train.max_steps=60",

@@ -12,9 +12,7 @@ from safetensors.torch import load_file
 
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.cli import main
-from kfoundry.config import ModelConfig
 from kfoundry.fileio import sha256_file
-from kfoundry.model.llama import Transformer
 from kfoundry.post import dpo as D
 from kfoundry.post.data import load_preferences
 
@@ -25,28 +23,17 @@ QUESTIONS = ["대한민국 헌법 제1조는?", "What is 2 + 3?", "오늘 날씨
              "서울의 인구는?", "What does break do?", "한강은 어디에 있어?", "Who are you?", "몇 시야?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from kfoundry.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("dpo")
+def setup(tiny_checkpoint, tmp_path_factory):
+    """A random test-micro-sized checkpoint (conftest; read-only) and the preference pairs."""
     prefs = [{"prompt": q, "chosen": CHOSEN[i % 2], "rejected": REJECTED[(i // 2) % 2]}
              for i, q in enumerate(QUESTIONS * 2)]
-    data = d / "prefs.jsonl"
+    data = tmp_path_factory.mktemp("dpo") / "prefs.jsonl"
     data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prefs), encoding="utf-8")
-    tok = train_tokenizer((QUESTIONS + CHOSEN + REJECTED) * 30, 400)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                      max_seq_len=64, tie_embeddings=True)
-    base = ckpt_io.save_checkpoint(d / "base", Transformer.build(cfg, seed=0), tok)
+    base, tok = tiny_checkpoint((QUESTIONS + CHOSEN + REJECTED) * 30, 400)
     return base, data, tok
 
 
@@ -112,6 +99,16 @@ def test_dpo_raises_reward_accuracy_with_a_frozen_reference(setup, tmp_path):
     D.dpo(base, [data], tmp_path / "run", tc, beta=0.1, val_fraction=0.25, resume="auto", progress=False,
           log=logs.append)
     assert any(m.startswith("reference log-probabilities: cached") for m in logs)
+
+
+def test_nothing_fits_is_a_clear_error(setup, tmp_path):
+    base, data, _ = setup
+    logs = []
+    with pytest.raises(ValueError, match=r"no preference pair fits train.seq_len=4 \(kept 0, refused 24 "
+                                         r"\(too_long=24\)\)"):
+        D.dpo(base, [data], tmp_path / "x", D.dpo_train_config("test-micro", ["train.seq_len=4"]), progress=False,
+              log=logs.append)
+    assert logs == ["dpo data: 0 training / 0 validation pairs; kept 0, refused 24 (too_long=24)"]
 
 
 def test_cli_reports_reward_accuracy(setup, tmp_path, capsys):

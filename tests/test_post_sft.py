@@ -12,8 +12,6 @@ from safetensors.torch import load_file
 
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.cli import main
-from kfoundry.config import ModelConfig
-from kfoundry.model.llama import Transformer
 from kfoundry.post import sft as S
 from kfoundry.post.data import LoadStats
 from kfoundry.train.loop import list_checkpoints
@@ -29,30 +27,18 @@ CHATS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 FAST = ["train.lr=1e-2", "train.warmup_steps=5", "train.log_every=5", "train.micro_batch_size=4"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tokenizer and a randomly initialised test-micro-sized checkpoint."""
-    from kfoundry.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("sft")
+def base(tiny_checkpoint, tmp_path_factory):
+    """A tokenizer and a randomly initialised test-micro-sized checkpoint (conftest; read-only), and the chats."""
     texts = [m["content"] for c in CHATS for m in c] + ["The quick brown fox.", "대한민국은 민주공화국이다. 12,345원"]
-    tok = train_tokenizer(texts * 40, 400)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                      max_seq_len=64, tie_embeddings=True)
-    ckpt = ckpt_io.save_checkpoint(d / "base", Transformer.build(cfg, seed=0), tok)
-    data = d / "chats.jsonl"
+    ckpt, tok = tiny_checkpoint(texts * 40, 400)
+    data = tmp_path_factory.mktemp("sft") / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in CHATS), encoding="utf-8")
     return ckpt, data, tok
 
@@ -89,6 +75,16 @@ def test_long_conversations_are_counted_not_truncated(base):
     long = [{"role": "user", "content": "긴 질문 " * 40}, {"role": "assistant", "content": "네"}]
     out = S.encode_chats(tok, [CHATS[0], long, CHATS[1]], seq_len=64, stats=stats)
     assert len(out) == 2 and stats.kept == 2 and stats.bad["too_long"] == 1
+
+
+def test_nothing_fits_is_a_clear_error(base, tmp_path):
+    ckpt, data, _ = base
+    logs = []
+    with pytest.raises(ValueError, match=r"no training conversation fits train.seq_len=4 \(kept 0, refused 8 "
+                                         r"\(too_long=8\)\)"):  # the 4 chats, read as data and as val_data
+        S.sft(ckpt, [data], tmp_path / "x", S.sft_train_config("test-micro", ["train.seq_len=4"]), val_data=[data],
+              progress=False, log=logs.append)
+    assert logs == ["sft data: 0 training / 0 validation conversations; kept 0, refused 8 (too_long=8)"]
 
 
 def test_sft_learns_tiny_set_to_near_zero_loss(base, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kfoundry.checkpoint import save_checkpoint
 from kfoundry.config import resolve
@@ -12,20 +11,12 @@ from kfoundry.post.stage import CHAT_PROMPTS, append_chat_section, speedrun_sft
 from kfoundry.tokenizer import KTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
-def test_sft_stage_reports_before_and_after(tmp_path):
-    from kfoundry.pipeline import ensure_tokenizer
-
+def test_sft_stage_reports_before_and_after(micro_data, tmp_path):
     cfg = resolve("test-micro")
-    tok = KTokenizer.load(ensure_tokenizer(tmp_path, cfg, log=lambda m: None))
+    tok = KTokenizer.load(micro_data[0])  # conftest's shared test-micro tokenizer
     base = save_checkpoint(tmp_path / "ckpt" / "step-000000", Transformer.build(cfg.model, seed=0), tok)
     fields = speedrun_sft(base, tmp_path, cfg, progress=False)
 

@@ -8,9 +8,8 @@ import copy
 import pytest
 import torch
 
-from kfoundry.checkpoint import save_checkpoint
+from kfoundry.checkpoint import load_model, save_checkpoint
 from kfoundry.cli import main
-from kfoundry.config import ModelConfig
 from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.model.llama import Transformer
 from kfoundry.model.quantize import Int8Embedding, Int8Linear, model_bytes, quantize_int8, quantize_weight
@@ -23,23 +22,21 @@ TRAIN_TEXT = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from kfoundry.tokenizer import train_tokenizer
-
-    return train_tokenizer(TRAIN_TEXT, 400)
-
-
-def build(tok, tie: bool) -> Transformer:
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                      max_seq_len=64, tie_embeddings=tie)
-    return Transformer.build(cfg, seed=0).eval()
+def tok(tiny_tokenizer):
+    return tiny_tokenizer(TRAIN_TEXT, 400)
 
 
 @pytest.fixture(scope="module")
-def trained(tok) -> Transformer:
+def build(tiny_checkpoint):
+    """build(tie) -> a fresh copy of the random (seed 0) test-micro-sized model, in eval mode (conftest)."""
+    return lambda tie: load_model(tiny_checkpoint(TRAIN_TEXT, 400, tie_embeddings=tie)[0]).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(build, tok) -> Transformer:
     """A model that has memorised TRAIN_TEXT, so its next-token choices are confident (as a real model's mostly
     are); a random model's near-ties would make any rounding, int8 or not, flip greedy choices."""
-    model = build(tok, True).train()
+    model = build(True).train()
     stream = torch.tensor([i for t in TRAIN_TEXT for i in tok.encode(t, bos=True, eos=True)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
@@ -78,8 +75,8 @@ def test_int8_linear_matches_dequantized_reference():
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_quantized_model_is_smaller_and_close(tok, tie, mixed_texts):
-    fp32 = build(tok, tie)
+def test_quantized_model_is_smaller_and_close(build, tok, tie, mixed_texts):
+    fp32 = build(tie)
     int8 = quantize_int8(copy.deepcopy(fp32))
     assert isinstance(int8.model.embed_tokens, Int8Embedding)
     assert isinstance(int8.model.layers[1].mlp.down_proj, Int8Linear) and isinstance(int8.lm_head, Int8Linear)

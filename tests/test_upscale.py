@@ -222,21 +222,9 @@ def test_external_mark_is_carried_to_the_child(tok, tmp_path):
 # -- continued pretraining -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A tokenizer and shards for the test-micro preset, built once from the starter corpus."""
-    from kfoundry.config import resolve
-    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
-
-    base = tmp_path_factory.mktemp("prepared")
-    cfg = resolve("test-micro")
-    tok_dir = ensure_tokenizer(base, cfg, log=lambda m: None)
-    return tok_dir, ensure_shards(base, cfg, tok_dir, log=lambda m: None)
-
-
-def test_continued_pretraining_from_upscaled_child(prepared, tmp_path, capsys):
+def test_continued_pretraining_from_upscaled_child(micro_data, tmp_path, capsys):
     """train 4 layers -> upscale to 6 -> `pretrain --init`: the child trains, the schedule restarts from warmup."""
-    tok_dir, shards = prepared
+    tok_dir, shards = micro_data  # conftest's shared test-micro tokenizer and shards (read-only)
     common = ["--preset", "test-micro", "--shards", str(shards), "--no-progress",
               "--set", "train.log_every=1", "--set", "train.eval_every=100", "--set", "train.ckpt_every=100"]
     parent_run = tmp_path / "parent"

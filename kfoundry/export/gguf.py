@@ -233,12 +233,9 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
 
         tensor_types = {}
         for name, data, qtype in tensors:
-            if qtype in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
-                w.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(name, data.astype(np.float16))
-            else:
-                w.add_tensor(name, data.astype(np.float32))
+            # `storage_type` chose the type; gguf's `quantize` encodes any of ours (for F32/F16 it is the plain
+            # cast) and raw_dtype names it in the tensor's header entry.
+            w.add_tensor(name, quantize(data, qtype), raw_dtype=qtype)
             tensor_types[name] = qtype.name
         w.write_header_to_file()
         w.write_kv_data_to_file()

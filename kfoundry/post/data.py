@@ -15,6 +15,8 @@ Accepted inputs (all text is NFC-normalized on the way in):
 
 A bad row never stops a load and is never dropped silently: it is counted in `LoadStats.bad` under a named reason
 (`invalid_json`, `bad_message`, `no_assistant_reply`, `empty_field`, ...). A file with no usable row is an error.
+
+`load_split_encode` is how SFT and DPO both turn these rows into training and validation examples.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import gzip
 import importlib.resources
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from kfoundry.post.chat_format import ROLES
 from kfoundry.text import nfc
@@ -37,6 +40,8 @@ STARTER_PREFS_FILE = "starter_prefs.jsonl"
 STARTER_META_FILE = "starter_meta.json"  # how the starter set was built (Python version, counts)
 
 Chat = list[dict[str, str]]
+Row = TypeVar("Row")  # a Chat or a Preference
+Example = TypeVar("Example")  # what a row encodes to
 
 # Column names a question/answer CSV may use, in order of preference (compared case-insensitively).
 QUESTION_COLUMNS = ("q", "question", "prompt", "instruction", "input")
@@ -259,3 +264,37 @@ def load_preferences(spec: str | Path, stats: LoadStats | None = None) -> list[P
     if not prefs:
         raise ValueError(f"{path}: no usable preference pair ({stats.summary()})")
     return prefs
+
+
+def load_split_encode(data: Sequence[str | Path], val_data: Sequence[str | Path], *,
+                      load: Callable[[str | Path, LoadStats], list[Row]],
+                      split: Callable[[Sequence[Row], float, int], tuple[list[Row], list[Row]]],
+                      encode: Callable[[Any, Sequence[Row], int, LoadStats], list[Example]],
+                      tok, seq_len: int, val_fraction: float, seed: int, stage: str, units: tuple[str, str],
+                      log: Callable[[str], None]) -> tuple[list[Example], list[Example], LoadStats]:
+    """The training and validation examples of a post-training stage, with the counts of every refused row.
+
+    SFT and DPO prepare their data the same way, and only the row type differs (conversations or preference
+    pairs), so the steps are passed in:
+
+    1. `load(spec, stats)` reads every spec in `data`;
+    2. the validation rows are the files in `val_data` when given, else `split(rows, val_fraction, seed)` holds
+       out a seeded share of `data`;
+    3. `encode(tok, rows, seq_len, stats)` turns both parts into examples, counting the rows that do not fit.
+
+    One LoadStats collects the whole load, so its summary tells every row's fate. The counts are logged as
+    "<stage> data: N training / M validation <units[0]>"; with no training example that fits `seq_len` this is
+    an error naming `units[1]` (the unit in the singular).
+    """
+    stats = LoadStats()
+    rows = [r for spec in data for r in load(spec, stats)]
+    if val_data:
+        train_rows, val_rows = rows, [r for spec in val_data for r in load(spec, stats)]
+    else:
+        train_rows, val_rows = split(rows, val_fraction, seed)
+    train = encode(tok, train_rows, seq_len, stats)
+    val = encode(tok, val_rows, seq_len, stats)
+    log(f"{stage} data: {len(train)} training / {len(val)} validation {units[0]}; {stats.summary()}")
+    if not train:
+        raise ValueError(f"no {units[1]} fits train.seq_len={seq_len} ({stats.summary()})")
+    return train, val, stats

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from kfoundry.config import TrainConfig
 from kfoundry.fileio import read_json
 from kfoundry.post.chat_format import normalize_messages, render_many, render_text
-from kfoundry.post.data import LoadStats, Preference, load_preferences
+from kfoundry.post.data import LoadStats, Preference, load_preferences, load_split_encode
 from kfoundry.post.runner import PostTrainer
 from kfoundry.post.sft import Example, examples_sha256, post_train_config
 from kfoundry.train import loop
@@ -192,17 +192,10 @@ def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
     tc.seq_len = min(tc.seq_len, model_cfg.max_seq_len)
     tok = load_tokenizer(base)
 
-    stats = LoadStats()
-    prefs = [p for spec in data for p in load_preferences(spec, stats)]
-    if val_data:
-        train_prefs, val_prefs = prefs, [p for spec in val_data for p in load_preferences(spec, stats)]
-    else:
-        train_prefs, val_prefs = split_prefs(prefs, val_fraction, tc.seed)
-    train_pairs = encode_pairs(tok, train_prefs, tc.seq_len, stats)
-    val_pairs = encode_pairs(tok, val_prefs, tc.seq_len, stats)
-    log(f"dpo data: {len(train_pairs)} training / {len(val_pairs)} validation pairs; {stats.summary()}")
-    if not train_pairs:
-        raise ValueError(f"no preference pair fits train.seq_len={tc.seq_len} ({stats.summary()})")
+    train_pairs, val_pairs, stats = load_split_encode(
+        data, val_data, load=load_preferences, split=split_prefs, encode=encode_pairs, tok=tok,
+        seq_len=tc.seq_len, val_fraction=val_fraction, seed=tc.seed, stage="dpo", units=("pairs", "preference pair"),
+        log=log)
     flat = lambda pairs: [ex for pair in pairs for ex in pair]  # noqa: E731
     data_sha = examples_sha256(flat(train_pairs), flat(val_pairs))
 

@@ -36,7 +36,7 @@ import torch
 
 from kfoundry.config import TrainConfig, from_dict, parse_override, preset
 from kfoundry.post.chat_format import render_many
-from kfoundry.post.data import Chat, LoadStats, load_chats
+from kfoundry.post.data import Chat, LoadStats, load_chats, load_split_encode
 from kfoundry.post.runner import PostTrainer
 from kfoundry.train import loop
 
@@ -266,17 +266,10 @@ def sft(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         tc.seq_len = model_cfg.max_seq_len
     tok = load_tokenizer(base)
 
-    stats = LoadStats()
-    chats = [c for spec in data for c in load_chats(spec, stats)]
-    if val_data:
-        train_chats, val_chats = chats, [c for spec in val_data for c in load_chats(spec, stats)]
-    else:
-        train_chats, val_chats = split_chats(chats, val_fraction, tc.seed)
-    train_ex = encode_chats(tok, train_chats, tc.seq_len, stats)
-    val_ex = encode_chats(tok, val_chats, tc.seq_len, stats)
-    log(f"sft data: {len(train_ex)} training / {len(val_ex)} validation conversations; {stats.summary()}")
-    if not train_ex:
-        raise ValueError(f"no training conversation fits train.seq_len={tc.seq_len} ({stats.summary()})")
+    train_ex, val_ex, stats = load_split_encode(
+        data, val_data, load=load_chats, split=split_chats, encode=encode_chats, tok=tok, seq_len=tc.seq_len,
+        val_fraction=val_fraction, seed=tc.seed, stage="sft", units=("conversations", "training conversation"),
+        log=log)
 
     def batches_of(epoch: int) -> list[list[list[Example]]]:
         return epoch_rows(train_ex, epoch, tc.seed, tc.seq_len, tc.micro_batch_size)

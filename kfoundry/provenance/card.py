@@ -191,18 +191,116 @@ def _eval_rows(ev: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _frontier_line(ev: dict[str, Any], ko: bool) -> str:
+# Every sentence of the card, in English and in Korean. One renderer (`_render_half`) lays out either language
+# from its table, so the two halves always have the same sections, tables and facts. `{name}` fields are filled
+# in with str.format; a template without fields is used as it is.
+CARD_TEXT: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "# {name}",
+        "intro": "A {params:,}-parameter Llama-style decoder ({n_layers} layers, hidden size {dim}, {n_heads} "
+                 "attention heads ({n_kv_heads} key/value), context {ctx}, vocabulary {vocab}) built with kfoundry, "
+                 "a Korean-first foundry. {origin}",
+        "origin_init": "Trained from random initialisation: no external weights appear anywhere in its lineage.",
+        "origin_external": "Derived from external weights ({name}); this is not a from-scratch model.",
+        "origin_unknown": "The origin of its lineage is not recorded (a checkpoint made before the ledger existed); "
+                          "no claim of from-scratch training can be backed.",
+        "use_heading": "## Intended use",
+        "use_chat": "A chat model: prompts should use the chat template shipped in `tokenizer_config.json` "
+                    "(`tokenizer.apply_chat_template`).",
+        "use_base": "A base (pretrained) language model: it continues text and is meant for research, teaching, and "
+                    "as a starting point for fine-tuning. It is not instruction-tuned.",
+        "not_for": "Not intended for decisions about people, medical, legal or financial advice, or any use where an "
+                   "unverified answer can cause harm.",
+        "data_heading": "## Training data",
+        "data_columns": "| source | kind | licence | mix weight |",
+        "licence_unknown": "not declared — check before redistributing",
+        "data_none": "| not recorded | | | |",
+        "curated": "Curated with `kfoundry data prepare` (recipe: `{recipe}`; data card sha256 `{card}`).",
+        "shards": "Token shards: {tokens} tokens in {docs} documents, {files} files, each hashed in the ledger.",
+        "compute_heading": "## Training compute",
+        "compute_columns": "| stage | tokens | steps | FLOPs | hardware | seconds |",
+        "compute_none": "| not recorded | | | | | |",
+        "flops_note": "FLOPs are measured FLOPs per token (6 per weight plus attention) times tokens seen.",
+        "eval_heading": "## Evaluation",
+        "eval_columns": "| task | metric | score (%) | % of frontier |",
+        "frontier": "On {n} benchmark(s) with a frontier anchor the model reaches {mean:.1f}% of the frontier score "
+                    "(chance-corrected): a gap of {gap:.1f} points.",
+        "no_frontier": "No benchmark with a frontier anchor was run, so no frontier gap is computed.",
+        "not_evaluated": "Not evaluated yet: run `kfoundry eval --model CKPT --tasks ...` before publishing.",
+        "provenance_heading": "## Provenance",
+        "weights": "Weights sha256: `{sha}`",
+        "lineage": "Lineage (origin first):",
+        "chain": "Ledger chain: {status}. Head hashes (publishing them pins the whole history before them):",
+        "chain_ok": "intact",
+        "chain_broken": "BROKEN: {problems}",
+        "check": "Check it yourself: `kfoundry provenance verify CHECKPOINT` re-hashes every recorded file and "
+                 "re-derives the initial weights from the recorded seed; `kfoundry provenance audit --model THIS "
+                 "--against OTHER` compares weight fingerprints with any other model.",
+        "limits_heading": "## Limitations",
+        "limit_small": "- A small model: it produces fluent-looking text with frequent factual errors and little "
+                       "reasoning.",
+        "limit_large": "- It can state false things fluently; verify important answers.",
+        "limit_data": "- It reflects its training data, including its biases and gaps; the sources are listed above.",
+        "limit_languages": "- Korean and English only; other languages were not a training goal.",
+        "limit_safety": "- No safety tuning beyond what the lineage shows; add your own safeguards before deploying.",
+    },
+    "ko": {
+        "title": "# {name} (한국어)",
+        "intro": "kfoundry로 만든 라마(Llama) 구조의 디코더 모델로, 파라미터는 {params:,}개입니다 (레이어 {n_layers}개, "
+                 "은닉 차원 {dim}, 어텐션 헤드 {n_heads}개(키/값 {n_kv_heads}개), 문맥 길이 {ctx}, 어휘 {vocab}개). "
+                 "{origin}",
+        "origin_init": "무작위 초기화에서 시작해 처음부터 학습했습니다. 외부 가중치는 계보 어디에도 없습니다.",
+        "origin_external": "외부 가중치({name})에서 파생된 모델입니다. 처음부터 학습한 모델이 아닙니다.",
+        "origin_unknown": "계보의 시작점이 기록되어 있지 않습니다(원장 이전에 만들어진 체크포인트). 처음부터 학습했다고 "
+                          "주장할 근거가 없습니다.",
+        "use_heading": "## 사용 목적",
+        "use_chat": "대화형 모델입니다. 프롬프트는 `tokenizer_config.json`에 들어 있는 채팅 템플릿"
+                    "(`tokenizer.apply_chat_template`)으로 구성해야 합니다.",
+        "use_base": "사전학습만 마친 기반(base) 언어 모델입니다. 주어진 글을 이어 쓰며, 연구와 교육, 그리고 미세조정의 "
+                    "출발점으로 쓰기 위한 모델입니다. 지시 따르기 학습은 하지 않았습니다.",
+        "not_for": "사람에 대한 판단, 의료·법률·금융 조언처럼 검증되지 않은 답이 피해를 줄 수 있는 용도에는 쓰지 마십시오.",
+        "data_heading": "## 학습 데이터",
+        "data_columns": "| 출처 | 종류 | 라이선스 | 혼합 비율 |",
+        "licence_unknown": "명시되지 않음 — 재배포 전 확인 필요",
+        "data_none": "| 기록 없음 | | | |",
+        "curated": "`kfoundry data prepare`로 정제했습니다(레시피: `{recipe}`, 데이터 카드 sha256 `{card}`).",
+        "shards": "토큰 샤드: 문서 {docs}개, 토큰 {tokens}개, 파일 {files}개이며 파일마다 해시가 원장에 기록되어 있습니다.",
+        "compute_heading": "## 학습 연산량",
+        "compute_columns": "| 단계 | 토큰 | 스텝 | FLOPs | 하드웨어 | 시간(초) |",
+        "compute_none": "| 기록 없음 | | | | | |",
+        "flops_note": "FLOPs는 토큰당 실측 연산량(가중치당 6회 + 어텐션)에 학습한 토큰 수를 곱한 값입니다.",
+        "eval_heading": "## 평가",
+        "eval_columns": "| 과제 | 지표 | 점수(%) | 프런티어 대비(%) |",
+        "frontier": "기준점이 있는 벤치마크 {n}개 평균으로 프런티어 모델 점수의 {mean:.1f}% (찬스 보정) 수준이며, "
+                    "격차는 {gap:.1f}%p입니다.",
+        "no_frontier": "프런티어 기준점이 있는 벤치마크가 없어 격차를 계산하지 않았습니다.",
+        "not_evaluated": "아직 평가하지 않았습니다. 공개하기 전에 `kfoundry eval --model CKPT --tasks ...`를 실행하십시오.",
+        "provenance_heading": "## 출처 증명(프로비넌스)",
+        "weights": "가중치 sha256: `{sha}`",
+        "lineage": "계보(시작점부터):",
+        "chain": "원장 해시 체인: {status}. 아래 마지막(head) 해시를 공개해 두면 그 이전의 기록 전체가 고정됩니다.",
+        "chain_ok": "이상 없음",
+        "chain_broken": "손상됨: {problems}",
+        "check": "직접 확인하는 방법: `kfoundry provenance verify 체크포인트`는 기록된 모든 파일의 해시를 다시 계산하고, "
+                 "기록된 시드로 초기 가중치를 다시 만들어 비교합니다. `kfoundry provenance audit --model 이_모델 "
+                 "--against 다른_모델`은 임의의 다른 모델과 가중치 지문을 비교합니다.",
+        "limits_heading": "## 한계",
+        "limit_small": "- 작은 모델입니다. 그럴듯한 문장을 만들지만 사실 오류가 잦고 추론 능력은 거의 없습니다.",
+        "limit_large": "- 틀린 내용을 자연스럽게 말할 수 있습니다. 중요한 답은 반드시 확인하십시오.",
+        "limit_data": "- 학습 데이터의 편향과 빈틈을 그대로 반영합니다. 출처는 위 표에 있습니다.",
+        "limit_languages": "- 한국어와 영어만을 목표로 학습했습니다.",
+        "limit_safety": "- 계보에 나타난 것 외의 안전성 학습은 하지 않았습니다. 서비스에 쓰기 전에 별도의 안전장치를 두십시오.",
+    },
+}
+CARD_LANGUAGES = ("en", "ko")  # the order of the halves in README.md
+
+
+def _frontier_line(ev: dict[str, Any], t: dict[str, str]) -> str:
     s = ev.get("summary") or {}
     mean = s.get("mean_percent_of_frontier")
     if mean is None:
-        return ("프런티어 기준점이 있는 벤치마크가 없어 격차를 계산하지 않았습니다." if ko else
-                "No benchmark with a frontier anchor was run, so no frontier gap is computed.")
-    n = s.get("benchmarks_with_anchor")
-    if ko:
-        return (f"기준점이 있는 벤치마크 {n}개 평균으로 프런티어 모델 점수의 {mean:.1f}% (찬스 보정) 수준이며, "
-                f"격차는 {100 - mean:.1f}%p입니다.")
-    return (f"On {n} benchmark(s) with a frontier anchor the model reaches {mean:.1f}% of the frontier score "
-            f"(chance-corrected): a gap of {100 - mean:.1f} points.")
+        return t["no_frontier"]
+    return t["frontier"].format(n=s.get("benchmarks_with_anchor"), mean=mean, gap=100 - mean)
 
 
 def _metadata(g: dict[str, Any]) -> str:
@@ -222,123 +320,67 @@ def _metadata(g: dict[str, Any]) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
 
 
-def _origin_sentence(g: dict[str, Any], ko: bool) -> str:
+def _origin_sentence(g: dict[str, Any], t: dict[str, str]) -> str:
     if g["origin"] == "init":
-        return ("무작위 초기화에서 시작해 처음부터 학습했습니다. 외부 가중치는 계보 어디에도 없습니다." if ko else
-                "Trained from random initialisation: no external weights appear anywhere in its lineage.")
+        return t["origin_init"]
     if g["origin"] == "external":
-        name = (g.get("external") or {}).get("name_or_path") or (g.get("external") or {}).get("path")
-        return (f"외부 가중치({name})에서 파생된 모델입니다. 처음부터 학습한 모델이 아닙니다." if ko else
-                f"Derived from external weights ({name}); this is not a from-scratch model.")
-    return ("계보의 시작점이 기록되어 있지 않습니다(원장 이전에 만들어진 체크포인트). 처음부터 학습했다고 "
-            "주장할 근거가 없습니다." if ko else
-            "The origin of its lineage is not recorded (a checkpoint made before the ledger existed); no claim "
-            "of from-scratch training can be backed.")
+        ext = g.get("external") or {}
+        return t["origin_external"].format(name=ext.get("name_or_path") or ext.get("path"))
+    return t["origin_unknown"]
+
+
+def _render_half(g: dict[str, Any], t: dict[str, str]) -> list[str]:
+    """The card's lines in one language: `t` is that language's CARD_TEXT table."""
+    cfg = g["config"]
+    origin = _origin_sentence(g, t)
+    ev = g["evaluations"][0] if g["evaluations"] else None
+    heads = "\n".join(f"- `{Path(rd).name}/ledger.jsonl`: `{h}`" for rd, h in g["ledger_heads"].items()) or "- —"
+    status = t["chain_ok"] if g["chain_ok"] else t["chain_broken"].format(problems="; ".join(g["chain_problems"]))
+
+    lines = [t["title"].format(name=g["name"]), "",
+             t["intro"].format(params=g["params"], n_layers=cfg.n_layers, dim=cfg.dim, n_heads=cfg.n_heads,
+                               n_kv_heads=cfg.n_kv_heads, ctx=cfg.max_seq_len, vocab=cfg.vocab_size, origin=origin), "",
+             t["use_heading"], "",
+             t["use_chat"] if g.get("stage") in CHAT_STAGES else t["use_base"],
+             t["not_for"], "",
+             t["data_heading"], "",
+             t["data_columns"], "|---|---|---|---|",
+             *(_sources_rows(g["data"], t["licence_unknown"]) or [t["data_none"]]), ""]
+    for d in g["data"]:
+        cur = d.get("curation")
+        if cur:
+            lines.append(t["curated"].format(recipe=_recipe_name(cur.get("recipe")),
+                                             card=cur.get("data_card_sha256", "")[:16]))
+        sh = d.get("shards") or {}
+        lines.append(t["shards"].format(tokens=_num(sh.get("tokens")), docs=_num(sh.get("docs")),
+                                        files=len(sh.get("files") or {})))
+    lines += ["", t["compute_heading"], "",
+              t["compute_columns"], "|---|---|---|---|---|---|",
+              *(_compute_rows(g["compute"]) or [t["compute_none"]]), "",
+              t["flops_note"], "",
+              t["eval_heading"], ""]
+    if ev:
+        lines += [t["eval_columns"], "|---|---|---|---|", *_eval_rows(ev), "", _frontier_line(ev, t), ""]
+    else:
+        lines += [t["not_evaluated"], ""]
+    lines += [t["provenance_heading"], "", origin, "",
+              t["weights"].format(sha=g["weights_sha256"]), "",
+              t["lineage"], "", "```text", *(format_lineage(g["lineage"]) or ["(nothing recorded)"]), "```", "",
+              t["chain"].format(status=status), "", heads, "",
+              t["check"], "",
+              t["limits_heading"], "",
+              t["limit_small"] if g["params"] < 1_000_000_000 else t["limit_large"],
+              t["limit_data"], t["limit_languages"], t["limit_safety"], ""]
+    return lines
 
 
 def render(g: dict[str, Any]) -> str:
-    """The README.md text for gathered facts `g`."""
-    cfg = g["config"]
-    chat = g.get("stage") in CHAT_STAGES
-    shape = (f"{cfg.n_layers} layers, hidden size {cfg.dim}, {cfg.n_heads} attention heads "
-             f"({cfg.n_kv_heads} key/value), context {cfg.max_seq_len}, vocabulary {cfg.vocab_size}")
-    lineage_lines = format_lineage(g["lineage"]) or ["(nothing recorded)"]
-    ev = g["evaluations"][0] if g["evaluations"] else None
-    heads = "\n".join(f"- `{Path(rd).name}/ledger.jsonl`: `{h}`" for rd, h in g["ledger_heads"].items()) or "- —"
-    small = g["params"] < 1_000_000_000
-
-    en = [f"# {g['name']}", "",
-          f"A {g['params']:,}-parameter Llama-style decoder ({shape}) built with "
-          f"kfoundry, a Korean-first foundry. {_origin_sentence(g, False)}", "",
-          "## Intended use", "",
-          ("A chat model: prompts should use the chat template shipped in `tokenizer_config.json` "
-           "(`tokenizer.apply_chat_template`)." if chat else
-           "A base (pretrained) language model: it continues text and is meant for research, teaching, and as a "
-           "starting point for fine-tuning. It is not instruction-tuned."),
-          "Not intended for decisions about people, medical, legal or financial advice, or any use where an "
-          "unverified answer can cause harm.", "",
-          "## Training data", "",
-          "| source | kind | licence | mix weight |", "|---|---|---|---|",
-          *(_sources_rows(g["data"], "not declared — check before redistributing") or ["| not recorded | | | |"]), ""]
-    for d in g["data"]:
-        cur = d.get("curation")
-        if cur:
-            en.append(f"Curated with `kfoundry data prepare` (recipe: `{_recipe_name(cur.get('recipe'))}`"
-                      f"; data card sha256 `{cur.get('data_card_sha256', '')[:16]}`).")
-        sh = d.get("shards") or {}
-        en.append(f"Token shards: {_num(sh.get('tokens'))} tokens in {_num(sh.get('docs'))} documents, "
-                  f"{len(sh.get('files') or {})} files, each hashed in the ledger.")
-    en += ["", "## Training compute", "",
-           "| stage | tokens | steps | FLOPs | hardware | seconds |", "|---|---|---|---|---|---|",
-           *(_compute_rows(g["compute"]) or ["| not recorded | | | | | |"]), "",
-           "FLOPs are measured FLOPs per token (6 per weight plus attention) times tokens seen.", "",
-           "## Evaluation", ""]
-    if ev:
-        en += ["| task | metric | score (%) | % of frontier |", "|---|---|---|---|", *_eval_rows(ev), "",
-               _frontier_line(ev, False), ""]
-    else:
-        en += ["Not evaluated yet: run `kfoundry eval --model CKPT --tasks ...` before publishing.", ""]
-    en += ["## Provenance", "", _origin_sentence(g, False), "",
-           f"Weights sha256: `{g['weights_sha256']}`", "",
-           "Lineage (origin first):", "", "```text", *lineage_lines, "```", "",
-           f"Ledger chain: {'intact' if g['chain_ok'] else 'BROKEN: ' + '; '.join(g['chain_problems'])}. "
-           "Head hashes (publishing them pins the whole history before them):", "", heads, "",
-           "Check it yourself: `kfoundry provenance verify CHECKPOINT` re-hashes every recorded file and "
-           "re-derives the initial weights from the recorded seed; `kfoundry provenance audit --model THIS "
-           "--against OTHER` compares weight fingerprints with any other model.", "",
-           "## Limitations", "",
-           ("- A small model: it produces fluent-looking text with frequent factual errors and little reasoning."
-            if small else "- It can state false things fluently; verify important answers."),
-           "- It reflects its training data, including its biases and gaps; the sources are listed above.",
-           "- Korean and English only; other languages were not a training goal.",
-           "- No safety tuning beyond what the lineage shows; add your own safeguards before deploying.", ""]
-
-    ko = ["---", "", f"# {g['name']} (한국어)", "",
-          f"kfoundry로 만든 라마(Llama) 구조의 디코더 모델로, 파라미터는 {g['params']:,}개입니다 "
-          f"(레이어 {cfg.n_layers}개, 은닉 차원 {cfg.dim}, 어텐션 헤드 {cfg.n_heads}개(키/값 {cfg.n_kv_heads}개), "
-          f"문맥 길이 {cfg.max_seq_len}, 어휘 {cfg.vocab_size}개). {_origin_sentence(g, True)}", "",
-          "## 사용 목적", "",
-          ("대화형 모델입니다. 프롬프트는 `tokenizer_config.json`에 들어 있는 채팅 템플릿"
-           "(`tokenizer.apply_chat_template`)으로 구성해야 합니다." if chat else
-           "사전학습만 마친 기반(base) 언어 모델입니다. 주어진 글을 이어 쓰며, 연구와 교육, 그리고 미세조정의 출발점으로 "
-           "쓰기 위한 모델입니다. 지시 따르기 학습은 하지 않았습니다."),
-          "사람에 대한 판단, 의료·법률·금융 조언처럼 검증되지 않은 답이 피해를 줄 수 있는 용도에는 쓰지 마십시오.", "",
-          "## 학습 데이터", "",
-          "| 출처 | 종류 | 라이선스 | 혼합 비율 |", "|---|---|---|---|",
-          *(_sources_rows(g["data"], "명시되지 않음 — 재배포 전 확인 필요") or ["| 기록 없음 | | | |"]), ""]
-    for d in g["data"]:
-        cur = d.get("curation")
-        if cur:
-            ko.append(f"`kfoundry data prepare`로 정제했습니다(레시피: `{_recipe_name(cur.get('recipe'))}`, "
-                      f"데이터 카드 sha256 `{cur.get('data_card_sha256', '')[:16]}`).")
-        sh = d.get("shards") or {}
-        ko.append(f"토큰 샤드: 문서 {_num(sh.get('docs'))}개, 토큰 {_num(sh.get('tokens'))}개, 파일 "
-                  f"{len(sh.get('files') or {})}개이며 파일마다 해시가 원장에 기록되어 있습니다.")
-    ko += ["", "## 학습 연산량", "",
-           "| 단계 | 토큰 | 스텝 | FLOPs | 하드웨어 | 시간(초) |", "|---|---|---|---|---|---|",
-           *(_compute_rows(g["compute"]) or ["| 기록 없음 | | | | | |"]), "",
-           "FLOPs는 토큰당 실측 연산량(가중치당 6회 + 어텐션)에 학습한 토큰 수를 곱한 값입니다.", "",
-           "## 평가", ""]
-    if ev:
-        ko += ["| 과제 | 지표 | 점수(%) | 프런티어 대비(%) |", "|---|---|---|---|", *_eval_rows(ev), "",
-               _frontier_line(ev, True), ""]
-    else:
-        ko += ["아직 평가하지 않았습니다. 공개하기 전에 `kfoundry eval --model CKPT --tasks ...`를 실행하십시오.", ""]
-    ko += ["## 출처 증명(프로비넌스)", "", _origin_sentence(g, True), "",
-           f"가중치 sha256: `{g['weights_sha256']}`", "",
-           "계보(시작점부터):", "", "```text", *lineage_lines, "```", "",
-           f"원장 해시 체인: {'이상 없음' if g['chain_ok'] else '손상됨: ' + '; '.join(g['chain_problems'])}. "
-           "아래 마지막(head) 해시를 공개해 두면 그 이전의 기록 전체가 고정됩니다.", "", heads, "",
-           "직접 확인하는 방법: `kfoundry provenance verify 체크포인트`는 기록된 모든 파일의 해시를 다시 계산하고, "
-           "기록된 시드로 초기 가중치를 다시 만들어 비교합니다. `kfoundry provenance audit --model 이_모델 "
-           "--against 다른_모델`은 임의의 다른 모델과 가중치 지문을 비교합니다.", "",
-           "## 한계", "",
-           ("- 작은 모델입니다. 그럴듯한 문장을 만들지만 사실 오류가 잦고 추론 능력은 거의 없습니다." if small else
-            "- 틀린 내용을 자연스럽게 말할 수 있습니다. 중요한 답은 반드시 확인하십시오."),
-           "- 학습 데이터의 편향과 빈틈을 그대로 반영합니다. 출처는 위 표에 있습니다.",
-           "- 한국어와 영어만을 목표로 학습했습니다.",
-           "- 계보에 나타난 것 외의 안전성 학습은 하지 않았습니다. 서비스에 쓰기 전에 별도의 안전장치를 두십시오.", ""]
-    return _metadata(g) + "\n" + "\n".join(en + ko)
+    """The README.md text for gathered facts `g`: the metadata, then the card in each language, split by rules."""
+    halves = [_render_half(g, CARD_TEXT[lang]) for lang in CARD_LANGUAGES]
+    lines = halves[0]
+    for half in halves[1:]:
+        lines += ["---", "", *half]
+    return _metadata(g) + "\n" + "\n".join(lines)
 
 
 def model_card(ckpt: str | Path) -> str:
