@@ -35,7 +35,7 @@ from kfoundry.model.llama import Transformer
 from kfoundry.train.dist_checkpoint import is_dcp_checkpoint, load_distributed, loader_state_for, save_distributed
 from kfoundry.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, clip_grad_norm, init_distributed,
                                         no_grad_sync, parallelize, shutdown)
-from kfoundry.train.mfu import peak_flops
+from kfoundry.train.mfu import checked_mfu, peak_flops
 from kfoundry.train.optim import build_optimizer, lr_at
 
 LN2 = math.log(2)
@@ -351,7 +351,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
 
         if main and (step % tc.log_every == 0 or step == tc.max_steps):
             tps = window_tokens / max(window_time, 1e-9)
-            mfu = flops_per_token * tps / peak if peak else None
+            mfu, peak = checked_mfu(flops_per_token * tps, peak, device, info.world_size)  # re-probes a low CPU peak
             rec = {"step": step, "loss": last_loss, "lr": lr, "tokens": tokens_seen, "tokens_per_sec": tps,
                    "mfu": mfu, "grad_norm": grad_norm, "elapsed_s": time.perf_counter() - t_start}
             if metrics:
@@ -391,7 +391,8 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
                "checkpoint": str(last_ckpt), "train_seconds": train_time,
                "tokens_per_sec": _median_tps(out_dir) if main else None,
                "params": n_params, "peak_flops": peak, "peak_source": peak_src, "world_size": info.world_size}
-    summary["mfu"] = flops_per_token * summary["tokens_per_sec"] / peak if peak and summary["tokens_per_sec"] else None
+    achieved = flops_per_token * summary["tokens_per_sec"] if summary["tokens_per_sec"] else None
+    summary["mfu"], summary["peak_flops"] = checked_mfu(achieved, peak, device, info.world_size)
     if device.type == "cuda":
         summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if metrics:

@@ -1,8 +1,12 @@
 """Model FLOPs utilisation: achieved training FLOP/s over the device's peak.
 
 The peak is never assumed. CUDA cards are looked up by name in a table of published dense (no sparsity)
-bf16 tensor-core peaks; a CPU's peak is *measured* once with a large fp32 matmul and cached, because CPU
+bf16 tensor-core peaks; a CPU's peak is *measured* with a large fp32 matmul and cached, because CPU
 peaks vary with the core count, vector units, clocks and thread settings of the machine at hand.
+
+A probe can only read low (a busy machine slows it down, nothing speeds it up), so the cache keeps the best
+probe ever measured for a key, and `checked_mfu` re-probes when a run proves the cached figure too low: MFU
+is never reported above 100%.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from kfoundry.fileio import atomic_write_text
 
 # Dense bf16 tensor-core peak FLOP/s from the vendors' datasheets (SXM parts unless named).
 CUDA_PEAK_BF16 = {
@@ -52,9 +58,15 @@ def _cache_file() -> Path:
     return base / "cpu_peak.json"
 
 
+def cpu_peak_key() -> str:
+    """What a CPU probe depends on: the processor, the thread count and the torch build."""
+    return f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
 def measure_cpu_peak(n: int = 1024, seconds: float = 1.0) -> float:
     """fp32 matmul FLOP/s on this CPU with the current thread count (best of repeated n x n products)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # not the global generator: a probe mid-run must not shift training
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     torch.mm(a, b)  # warm up (thread pool, caches)
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
@@ -64,25 +76,73 @@ def measure_cpu_peak(n: int = 1024, seconds: float = 1.0) -> float:
     return best
 
 
-def cpu_peak_flops(refresh: bool = False) -> float:
-    key = f"{platform.processor() or platform.machine()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-    path = _cache_file()
-    cache = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            cache = {}
-    if not refresh and key in cache:
-        return float(cache[key])
-    peak = measure_cpu_peak()
-    cache[key] = peak
+def _read_cache(path: Path) -> dict[str, float]:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=2))
-    except OSError:
-        pass  # a read-only home is fine: we simply measure again next time
-    return peak
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, unreadable or half-written by an older kfoundry: start afresh
+        return {}
+    if not isinstance(cache, dict):
+        return {}
+    return {k: float(v) for k, v in cache.items() if isinstance(v, (int, float)) and v > 0}
+
+
+def _store_probe(key: str, probe: float) -> float:
+    """Fold `probe` into the cache and return the highest figure now known for `key`.
+
+    A probe is a lower bound on the peak: other processes (or the other ranks of a `torchrun` job, all probing
+    at once) can only slow it down, never speed it up. So the cache keeps the best probe ever seen, and the file
+    is re-read just before the write, so that ranks writing at the same time keep each other's best figures.
+    """
+    path = _cache_file()
+    cache = _read_cache(path)
+    best = max(probe, cache.get(key, 0.0))
+    if best > cache.get(key, 0.0):
+        cache[key] = best
+        try:
+            atomic_write_text(path, json.dumps(cache, indent=2))
+        except OSError:
+            pass  # a read-only home is fine: we simply measure again next time
+    return best
+
+
+def cpu_peak_flops(refresh: bool = False) -> float:
+    """This CPU's fp32 matmul peak at the current thread count: the best probe cached for it, or a new probe.
+
+    refresh=True probes again even when a figure is cached; the cache still keeps (and this returns) the higher
+    of the two, because a low probe only means the machine was busy while it ran.
+    """
+    key = cpu_peak_key()
+    cached = _read_cache(_cache_file()).get(key)
+    if cached and not refresh:
+        return cached
+    return _store_probe(key, measure_cpu_peak())
+
+
+def checked_mfu(achieved: float | None, peak: float | None, device: torch.device,
+                world_size: int = 1) -> tuple[float | None, float | None]:
+    """(MFU, peak) for `achieved` training FLOP/s against `peak` (FLOP/s of all `world_size` ranks together).
+
+    MFU is a share of the peak, so a figure above 1 proves the peak wrong, and is never returned:
+
+    - On a CPU the peak is a probe, and a probe taken while the machine was busy reads low. When `achieved`
+      exceeds it, the CPU is probed again, the cache keeps the higher figure (`cpu_peak_flops(refresh=True)`),
+      and the returned peak is world_size x that figure (or the old peak, if higher). If the run still beats
+      every probe (e.g. it ran in a faster dtype than the fp32 probe), no peak we measured bounds it: the
+      result is (None, None), "unknown", which also keeps later calls in the same run from probing again.
+    - A datasheet peak (CUDA) cannot be re-measured: MFU is None when it is exceeded, and the peak is kept.
+
+    Returns (None, peak) when there is no peak or no achieved figure. Callers should keep the returned peak
+    and pass it to the next call, so a corrected peak is used from then on.
+    """
+    if not peak or achieved is None:
+        return None, peak
+    if achieved > peak and device.type == "cpu":
+        peak = max(peak, world_size * cpu_peak_flops(refresh=True))
+        if achieved > peak:
+            return None, None
+    if achieved > peak:
+        return None, peak
+    return achieved / peak, peak
 
 
 def peak_flops(device: torch.device) -> tuple[float | None, str]:

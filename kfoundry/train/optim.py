@@ -21,8 +21,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is one launch for all parameters on CUDA; on CPU the default (foreach) path is used.
-    fused = device_type == "cuda"
+    # The fused kernel updates each parameter in one pass over its memory (one launch on CUDA); the default
+    # "foreach" path makes a pass per elementwise operation (~8), which on a CPU costs as much as a tenth of a
+    # training step (bench/train_throughput.py). Both are deterministic.
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
