@@ -4,6 +4,11 @@ Greedy decoding of a fixed number of new tokens (no early stop), alternating rou
 load affects both alike; the best round of each counts.
 
     .venv/bin/python bench/decode_speed.py [--new-tokens 256] [--width 512] [--layers 8] [--rounds 3]
+    .venv/bin/python bench/decode_speed.py --preset cpu-tiny     # a preset's model shape instead
+
+At batch 1 on the CPU our `generate` decodes through kfoundry/model/decode.py (matrix-vector products, fused
+and folded weights); `transformers` runs its general forward. Weights are random (seeded): speed does not depend
+on their values, and both engines must still agree on every greedy token.
 """
 
 from __future__ import annotations
@@ -33,17 +38,24 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--preset", default=None, help="take the model shape from this preset (cpu-tiny, nano, ...)")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    heads = args.width // 64
-    cfg = ModelConfig(vocab_size=args.vocab, dim=args.width, n_layers=args.layers, n_heads=heads,
-                      n_kv_heads=args.kv_heads, ffn_dim=int(args.width * 8 / 3) // 64 * 64,
-                      max_seq_len=args.prompt + args.new_tokens)
+    if args.preset:
+        from dataclasses import replace
+
+        from kfoundry.config import preset
+        cfg = replace(preset(args.preset).model, max_seq_len=args.prompt + args.new_tokens)
+    else:
+        heads = args.width // 64
+        cfg = ModelConfig(vocab_size=args.vocab, dim=args.width, n_layers=args.layers, n_heads=heads,
+                          n_kv_heads=args.kv_heads, ffn_dim=int(args.width * 8 / 3) // 64 * 64,
+                          max_seq_len=args.prompt + args.new_tokens)
     ours = Transformer.build(cfg, seed=0).eval()
     hf = LlamaForCausalLM(LlamaConfig(**hf_config(cfg, Ids), attn_implementation="sdpa")).eval()
     hf.load_state_dict(ours.state_dict(), strict=False)
-    prompt = torch.randint(3, args.vocab, (1, args.prompt))
+    prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     n = args.new_tokens
 
     def run_ours():
@@ -63,7 +75,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             secs[name].append(time.perf_counter() - t0)
-    result = {"config": vars(args), "params": ours.num_params(), "threads": torch.get_num_threads(),
+    result = {"config": vars(args), "model": vars(cfg), "params": ours.num_params(), "threads": torch.get_num_threads(),
               "identical_greedy_tokens": same_prefix}
     for name, s in secs.items():
         result[name] = {"tokens_per_sec": n / min(s), "seconds": s}

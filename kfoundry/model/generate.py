@@ -4,6 +4,9 @@ Prompts of different lengths are left-padded so that every row's next token sits
 positions are masked out of attention and each row keeps its own position ids, so a padded row computes
 exactly what it would alone. The cache is filled once by a prefill pass, then each decode step feeds one token
 per row and attends to everything cached.
+
+A single sequence on the CPU (the chat, the CLI, an edge device) decodes through `SequenceDecoder`
+(decode.py), which runs the same weights with matrix-vector products and a fraction of the operators.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from kfoundry.model.decode import SequenceDecoder
 from kfoundry.model.llama import KVCache, Transformer
 
 
@@ -85,20 +89,37 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop = set(stop_ids)
-    cache = KVCache(model.cfg, B, total, device, dtype)
 
-    # Prefill: causal within the prompt, and never attend to padding.
-    mask = None
-    if padded:
-        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        mask = causal[None, None] & valid[:, None, None, :]
-        mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]  # pad rows attend to themselves
-    logits = model(idx, positions=positions, attn_mask=mask, cache=cache)[:, -1]
+    if B == 1 and SequenceDecoder.supports(model):
+        decoder = SequenceDecoder(model, total)
+        logits = decoder.prefill(prompts[0])[None]
+
+        def forward_step(tok: torch.Tensor) -> torch.Tensor:
+            return decoder.step(int(tok[0]))[None]
+    else:
+        cache = KVCache(model.cfg, B, total, device, dtype)
+        # Prefill: causal within the prompt, and never attend to padding.
+        mask = None
+        if padded:
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = causal[None, None] & valid[:, None, None, :]
+            mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]  # pad rows attend to themselves
+        logits = model(idx, positions=positions, attn_mask=mask, cache=cache)[:, -1]
+        next_pos = lengths.clone()
+        key_valid = valid
+
+        def forward_step(tok: torch.Tensor) -> torch.Tensor:
+            nonlocal next_pos, key_valid
+            step_mask = None
+            if padded:  # keys: the prompt's real positions plus every generated one
+                key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+                step_mask = key_valid[:, None, None, :]
+            out = model(tok[:, None], positions=next_pos[:, None], attn_mask=step_mask, cache=cache)[:, -1]
+            next_pos = next_pos + 1
+            return out
 
     out: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
-    next_pos = lengths.clone()
-    key_valid = valid
     for step in range(params.max_new_tokens):
         tok = sample_next(logits, params, gen)
         for i, t in enumerate(tok.tolist()):  # one device->host copy per step, not one per row
@@ -112,10 +133,5 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 on_token(i, t)
         if all(done) or step == params.max_new_tokens - 1:
             break  # no forward pass for a token nobody will use
-        step_mask = None
-        if padded:  # keys: the prompt's real positions plus every generated one
-            key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-            step_mask = key_valid[:, None, None, :]
-        logits = model(tok[:, None], positions=next_pos[:, None], attn_mask=step_mask, cache=cache)[:, -1]
-        next_pos = next_pos + 1
+        logits = forward_step(tok)
     return out
