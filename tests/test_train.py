@@ -193,3 +193,20 @@ def test_speedrun_end_to_end(tmp_path):
                           "--prompt", "대한민국은", "--max-new-tokens", "8", "--seed", "0"],
                          capture_output=True, text=True, timeout=120)
     assert gen.returncode == 0 and gen.stdout.startswith("대한민국은")
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(prepared, tmp_path):
+    """`train.compile=true` (torch.compile; inductor's C++ backend on CPU) trains the same model as eager mode:
+    fused kernels reorder float operations, so the losses agree closely but not bit for bit."""
+    tok, shards = prepared
+    losses = {}
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        cfg = resolve("test-micro", overrides=MICRO + ["train.max_steps=6", "train.log_every=1", "train.eval_every=6",
+                                                       f"train.compile={flag}"])
+        loop.pretrain(cfg, tmp_path / name, shard_dir=shards, tokenizer_dir=tok, progress=False, log=lambda m: None)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if "loss" in r and r.get("event") is None]
+    assert len(losses["eager"]) == len(losses["compiled"]) == 6
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
+    assert losses["compiled"][-1] < losses["compiled"][0]
