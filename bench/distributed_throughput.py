@@ -1,6 +1,8 @@
 """Training tokens/s with 1 process vs 2 torchrun processes (FSDP2, gloo) on this machine, same global batch.
 
 Two CPU cores are not a scaling test: this records the figures (and the cost of the collectives), nothing more.
+Before the runs, the CPU is probed at 1 and 2 threads while nothing else runs, so that the ranks' MFU (each rank
+has one thread and probes while the other trains) is computed against an undisturbed peak.
 
     .venv/bin/python bench/distributed_throughput.py [--steps 60] [--work runs/bench-dist]
 """
@@ -15,10 +17,23 @@ import sys
 from pathlib import Path
 
 
-def median_tps(run: Path) -> float:
+def median_window(run: Path, key: str) -> float | None:
+    """Median over logged windows, the first (warm-up) window left out."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    tps = sorted(r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r and r.get("event") is None)[1:]
-    return tps[len(tps) // 2]
+    rows = [r for r in rows if "tokens_per_sec" in r and r.get("event") is None][1:]
+    values = sorted(r[key] for r in rows if r.get(key) is not None)
+    return values[len(values) // 2] if values else None
+
+
+def probe_idle_peaks() -> dict[int, float]:
+    import torch
+
+    from kfoundry.train.mfu import cpu_peak_flops
+    peaks = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        peaks[threads] = cpu_peak_flops(refresh=True)  # the cache keeps the best probe per thread count
+    return peaks
 
 
 def main() -> None:
@@ -32,13 +47,17 @@ def main() -> None:
               "--set", f"train.ckpt_every={args.steps}"]
     base = work / "one"
     shutil.rmtree(work, ignore_errors=True)
+    peaks = probe_idle_peaks()
     subprocess.run([sys.executable, "-m", "kfoundry", "pretrain", "--out", str(base), *common,
                     "--set", "train.micro_batch_size=8"], check=True)
     two = work / "two"
     subprocess.run([sys.executable, "-m", "kfoundry", "pretrain", "--nproc", "2", "--out", str(two), *common,
                     "--tokenizer", str(base / "tokenizer"), "--shards", str(base / "shards"),
                     "--set", "train.micro_batch_size=4"], check=True)
-    result = {"one_process_tokens_per_sec": median_tps(base), "two_processes_tokens_per_sec": median_tps(two)}
+    result = {"cpu_peak_flops_by_threads": peaks,
+              "one_process_tokens_per_sec": median_window(base, "tokens_per_sec"),
+              "two_processes_tokens_per_sec": median_window(two, "tokens_per_sec"),
+              "one_process_mfu": median_window(base, "mfu"), "two_processes_mfu": median_window(two, "mfu")}
     result["ratio"] = result["two_processes_tokens_per_sec"] / result["one_process_tokens_per_sec"]
     print(json.dumps(result, indent=2))
 
