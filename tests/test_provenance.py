@@ -23,13 +23,7 @@ from kfoundry.train import loop
 STEPS = ["train.max_steps=8", "train.ckpt_every=4", "train.eval_every=8", "train.log_every=4", "train.keep_last=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train many times faster on one thread when the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

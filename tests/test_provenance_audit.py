@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from kfoundry.checkpoint import load_model, load_tokenizer, read_meta, save_checkpoint
 from kfoundry.cli import main
@@ -25,12 +24,7 @@ LAYERS = 4
 DUS_PLAN = [0, 1, 2, 1, 2, 3]  # SOLAR's plan for 4 layers with 1 dropped at the seam: 2 x (4 - 1) layers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")
