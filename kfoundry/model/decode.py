@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfoundry.model.llama import KVCache, Transformer, rope_cos_sin
-from kfoundry.model.quantize import Int8Linear
+from kfoundry.model.quantize import KERNEL_DTYPE, Int8Linear
 
 
 def interleave_order(head_dim: int) -> torch.Tensor:
@@ -67,6 +67,7 @@ class MatVec:
             s = torch.cat([(lin.scale if order is None else lin.scale[order]) * factor for lin, order, factor in parts])
             self.int8, self.weight = Int8Linear(q.contiguous(), s.contiguous(), fused=parts[0][0].fused), None
             self.in_scale = in_scale
+            self.zero = torch.zeros(q.shape[0])
         else:
             raise TypeError(f"cannot decode through {[type(lin).__name__ for lin, _, _ in parts]}")
 
@@ -77,10 +78,13 @@ class MatVec:
             return torch.addmv(self.zero, self.weight, x, beta=0, alpha=alpha)
         if self.in_scale is not None:
             x = x * self.in_scale
-        y = self.int8(x.view(1, -1)).view(-1)
-        if alpha != 1.0:
-            y = y * alpha
-        return y if add is None else add + y
+        lin = self.int8
+        if lin.fused:  # the int8 kernel directly: bfloat16 in, bfloat16 out (see quantize.py)
+            y = torch._weight_int8pack_mm(x.to(KERNEL_DTYPE).view(1, -1), lin.q, lin.scale_kernel).view(-1)
+        else:
+            y = lin(x.view(1, -1)).view(-1)
+        # add + alpha * y in float32, one operator, with or without a residual to add to
+        return torch.add(self.zero if add is None else add, y, alpha=alpha)
 
 
 class _Layer:
@@ -188,4 +192,7 @@ class SequenceDecoder:
         head = self.model.lm_head
         if isinstance(head, nn.Linear):  # the head is not copied: with tied embeddings it is the largest matrix
             return torch.mv(head.weight, h).mul_(self._inv_rms(x))
+        if head.fused:
+            y = torch._weight_int8pack_mm(h.to(KERNEL_DTYPE).view(1, -1), head.q, head.scale_kernel).view(-1)
+            return y.float().mul_(self._inv_rms(x))
         return head(h.view(1, -1)).view(-1) * self._inv_rms(x)
