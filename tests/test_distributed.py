@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from kfoundry.checkpoint import load_model
-from kfoundry.config import resolve
-from kfoundry.pipeline import ensure_shards, ensure_tokenizer
 from kfoundry.train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -26,12 +24,10 @@ STEPS = ["train.max_steps=30", "train.ckpt_every=5", "train.keep_last=10", "trai
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    base = tmp_path_factory.mktemp("dist-data")
-    cfg = resolve("test-micro")
-    tok = ensure_tokenizer(base, cfg)
-    return tok, ensure_shards(base, cfg, tok)
+@pytest.fixture(scope="session")
+def prepared(micro_data):
+    """A tokenizer and shards for the test-micro preset (conftest's `micro_data`, built once per session)."""
+    return micro_data
 
 
 def pretrain_cmd(out: Path, prepared, nproc: int | None, micro_batch: int, *extra: str) -> list[str]:

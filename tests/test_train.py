@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from kfoundry.config import TrainConfig, resolve
-from kfoundry.pipeline import ensure_shards, ensure_tokenizer
 from kfoundry.train import loop
 from kfoundry.train.mfu import cpu_peak_flops, cuda_peak_flops
 from kfoundry.train.optim import lr_at
@@ -28,13 +27,9 @@ MICRO = ["train.max_steps=24", "train.ckpt_every=4", "train.eval_every=12", "tra
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """A tokenizer and shards for the test-micro preset, built once from the starter corpus."""
-    base = tmp_path_factory.mktemp("prepared")
-    cfg = resolve("test-micro")
-    tok = ensure_tokenizer(base, cfg)
-    shards = ensure_shards(base, cfg, tok)
-    return tok, shards
+def prepared(micro_data):
+    """A tokenizer and shards for the test-micro preset (conftest's `micro_data`, built once per session)."""
+    return micro_data
 
 
 def cli(out: Path, prepared, *extra: str) -> list[str]:
