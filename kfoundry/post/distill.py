@@ -22,17 +22,18 @@ Teacher and student must share the tokenizer: the KL compares distributions over
 student's `vocab_size` is therefore set to the teacher's. The teacher only runs forward passes, in eval mode
 and without gradients.
 
-The loop is the pretraining loop's (same loader, optimizer, schedule, evaluation and checkpoint format), kept to
-what distillation needs: the run writes OUT/ckpt/step-N (with trainer_state.json), OUT/metrics.jsonl and
-OUT/run_config.json, and the checkpoint's meta.json names the teacher as its parent. A run is not resumable
-(re-run it; a nano student trains in minutes).
+The loop is the one SFT and DPO use (`PostTrainer`, kfoundry/post/runner.py), fed from the pretraining loader
+(PackedLoader) and scored with the pretraining evaluation: the run writes OUT/ckpt/step-N (with trainer_state.json
+and optimizer.pt, the last `train.keep_last` kept), OUT/metrics.jsonl and OUT/run_config.json, each checkpoint's
+meta.json names the teacher as its parent, and `resume="auto"` (`--resume auto`) continues a stopped run to the
+same weights as an uninterrupted one: the loader's position is saved with each checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 from kfoundry import checkpoint as ckpt_io
-from kfoundry.config import RunConfig, write_config
+from kfoundry.config import RunConfig
+from kfoundry.fileio import sha256_file
 from kfoundry.model.llama import Transformer
-from kfoundry.provenance import record_checkpoint
+from kfoundry.post.runner import PostTrainer
 from kfoundry.train import loop
-from kfoundry.train.optim import build_optimizer, lr_at
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
@@ -71,11 +72,21 @@ def check_settings(alpha: float, temperature: float) -> None:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
+def inputs_sha256(shard_dir: Path, teacher: Path) -> str:
+    """A fingerprint of what the student learns from, the token shards and the teacher's weights (through their
+    manifests, which hold the file hashes): resume refuses to continue a run on different ones."""
+    h = hashlib.sha256()
+    for f in (shard_dir / "meta.json", teacher / "manifest.json"):
+        h.update(sha256_file(f).encode() if f.is_file() else b"-")
+    return h.hexdigest()
+
+
 def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path,
-            alpha: float = 0.9, temperature: float = 1.0, progress: bool = True,
+            alpha: float = 0.9, temperature: float = 1.0, resume: str | None = None, progress: bool = True,
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Train a fresh student shaped by `cfg.model` on shards of the teacher's tokenizer; returns a summary.
 
+    `resume="auto"` continues from the newest complete checkpoint under OUT/ckpt (or a fresh student if none).
     The summary holds the final checkpoint path, the student's and the teacher's validation loss and bits per
     byte (`eval`, `teacher_eval`; per language where the shards have several), parameter counts and tokens/s.
     """
@@ -85,7 +96,6 @@ def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_d
     out_dir, shard_dir, teacher = Path(out_dir), Path(shard_dir), Path(teacher)
     tc = cfg.train
     device = loop.pick_device(tc.device)
-    torch.manual_seed(tc.seed)
 
     teacher_model = ckpt_io.load_model(teacher, device=device).eval()
     for p in teacher_model.parameters():
@@ -97,21 +107,11 @@ def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_d
     for who, m in (("student", cfg.model), ("teacher", teacher_model.cfg)):
         if tc.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len={tc.seq_len} exceeds the {who}'s max_seq_len={m.max_seq_len}")
-    student = Transformer.build(cfg.model, device=device, seed=tc.seed)
-    student.train()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out_dir)
 
-    optimizer = build_optimizer(student, tc, device.type)
     loader = PackedLoader(shard_dir, split="train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                           seed=tc.seed, expect_tokenizer_hash=tok.hash)
-    batches = iter(loader)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.long, device=device)
     accum = max(1, math.ceil(tc.tokens_per_step / (tc.micro_batch_size * tc.seq_len))) if tc.tokens_per_step else 1
-    metrics = loop.MetricsLog(out_dir, cfg, enabled=progress)
-    metrics.write({"event": "start", "stage": "distill", "teacher": str(teacher.resolve()), "alpha": alpha,
-                   "temperature": temperature, "params": student.num_params(),
-                   "teacher_params": teacher_model.num_params()})
 
     def evaluate(model) -> dict[str, float]:
         result: dict[str, float] = {}
@@ -122,15 +122,19 @@ def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_d
                 result[f"val_loss{suffix}"], result[f"val_bpb{suffix}"] = r["loss"], r["bpb"]
         return result
 
-    step, tokens_seen, train_time, last = 0, 0, 0.0, {}
-    last_eval: dict[str, float] = {}
-    while step < tc.max_steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, tc)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    teacher_eval = evaluate(teacher_model)  # the yardstick, recorded in every checkpoint's meta.json
+    trainer = PostTrainer("distill", teacher, out_dir, tc, resume=resume, data_sha256=inputs_sha256(shard_dir, teacher),
+                          data_spec=str(shard_dir), progress=progress, log=log,
+                          meta={"alpha": alpha, "temperature": temperature, "teacher_eval": teacher_eval},
+                          build_model=lambda dev: Transformer.build(cfg.model, device=dev, seed=tc.seed),
+                          stream=loader)  # a resumed trainer has put the loader back where the checkpoint left it
+    student = trainer.model
+    batches = iter(loader)  # the loader's state advances as batches are drawn
+
+    def train_step(_: None) -> dict[str, float]:
+        """One optimizer step's gradients, accumulated over `accum` micro-batches drawn from the loader."""
         parts = {"ce": 0.0, "kl": 0.0}
-        loss_sum = 0.0
+        loss_sum, targets = 0.0, 0
         for _ in range(accum):
             x, y = (t.to(device) for t in next(batches))
             with torch.no_grad(), loop.autocast(device):
@@ -140,34 +144,10 @@ def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_d
             (loss / accum).backward()
             loss_sum += loss.item() / accum
             parts = {k: parts[k] + p[k] / accum for k in parts}
-            tokens_seen += int((y >= 0).sum())
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_time += time.perf_counter() - t0
-        last = {"step": step, "loss": loss_sum, **parts, "lr": lr, "tokens": tokens_seen}
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            metrics.write({**last, "tokens_per_sec": tokens_seen / max(train_time, 1e-9)})
-        if step % tc.eval_every == 0 or step == tc.max_steps:
-            last_eval = evaluate(student)
-            metrics.write({"step": step, **last_eval})
-            if progress:
-                log(f"distill step {step}: loss {loss_sum:.4f}, " +
-                    ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
+            targets += int((y >= 0).sum())
+        return {"loss": loss_sum, **parts, "tokens": targets}
 
-    teacher_eval = evaluate(teacher_model)
-    ckpt = ckpt_io.save_checkpoint(
-        out_dir / "ckpt" / f"step-{step:06d}", student, tok,
-        trainer_state={"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict()},
-        meta={"stage": "distill", "parent": str(teacher.resolve()), "final": True, "alpha": alpha,
-              "temperature": temperature, "teacher_eval": teacher_eval}, overwrite=True)
-    record_checkpoint(ckpt)  # provenance ledger: derived (through outputs, not weights) from the teacher
-    summary = {"checkpoint": str(ckpt), "step": step, "tokens_seen": tokens_seen, "final_loss": last.get("loss"),
-               "eval": last_eval, "teacher_eval": teacher_eval, "alpha": alpha, "temperature": temperature,
-               "params": student.num_params(), "teacher_params": teacher_model.num_params(),
-               "tokens_per_sec": tokens_seen / max(train_time, 1e-9)}
-    metrics.write({"event": "end", **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
-    metrics.close()
-    return summary
+    summary = trainer.fit(None, train_step, lambda: evaluate(student))
+    return {**summary, "teacher_eval": teacher_eval, "alpha": alpha, "temperature": temperature,
+            "params": student.num_params(), "teacher_params": teacher_model.num_params(),
+            "tokens_per_sec": loop._median_tps(out_dir)}

@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="token shards written with the teacher's tokenizer (default: OUT/shards, built if missing)")
     p.add_argument("--alpha", type=float, default=0.9, help="weight of the KL term; 0 = no teacher (baseline)")
     p.add_argument("--temperature", type=float, default=1.0, help="softening temperature T (> 0)")
-    p.add_argument("--no-progress", action="store_true", help="no log lines or TensorBoard")
+    p.add_argument("--resume", default=None, help="'auto' = newest complete checkpoint under OUT/ckpt, or a path")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or TensorBoard")
     p.set_defaults(func=_distill)
 
 
@@ -45,7 +46,7 @@ def _distill(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     shard_dir = Path(args.shards) if args.shards else ensure_shards(out, cfg, teacher / "tokenizer")
     summary = distill(teacher, cfg, out, shard_dir=shard_dir, alpha=args.alpha, temperature=args.temperature,
-                      progress=not args.no_progress)
+                      resume=args.resume, progress=not args.no_progress)
     print(json.dumps({k: summary[k] for k in ("checkpoint", "step", "eval", "teacher_eval", "params",
                                               "teacher_params")}, ensure_ascii=False))
     return 0

@@ -1,4 +1,5 @@
-"""What SFT and DPO share: start from a checkpoint (or resume), step AdamW on a schedule, log, evaluate, checkpoint.
+"""What SFT, DPO and distillation share: start from a checkpoint (or resume), step AdamW on a schedule, log,
+evaluate, checkpoint.
 
     trainer = PostTrainer("sft", base_ckpt, out_dir, train_cfg, resume="auto", data_sha256=..., ...)
     summary = trainer.fit(epoch_batches, train_step, evaluate)
@@ -8,6 +9,11 @@
 - `train_step(batch)` runs forward (under `loop.autocast`) and backward for one optimizer step and returns its
   metrics ("loss" at least, and "tokens", the number of tokens processed, for throughput).
 - `evaluate()` returns validation metrics (or {}), run every `eval_every` steps and at the end.
+
+Distillation differs in two ways, each an optional argument: it trains a fresh model (`build_model`; `base` is then
+the parent and the tokenizer's source, not the starting weights), and it streams token shards instead of
+re-deriving epochs (`stream`, e.g. a PackedLoader: `fit(None, ...)` calls `train_step(None)`, which draws from the
+stream itself, and the stream's own `state_dict()` is saved in trainer_state.json and put back on resume).
 
 The pieces are the pretraining loop's own: `build_optimizer`/`lr_at` (kfoundry/train/optim.py), checkpoint discovery
 and pruning, `MetricsLog` and device selection (kfoundry/train/loop.py), `save_checkpoint`/`load_model`
@@ -39,8 +45,9 @@ class PostTrainer:
 
     def __init__(self, stage: str, base: str | Path, out_dir: str | Path, tc: TrainConfig, *,
                  resume: str | None = None, data_sha256: str, data_spec: str = "", meta: dict | None = None,
+                 build_model: Callable[[torch.device], torch.nn.Module] | None = None, stream: Any = None,
                  progress: bool = True, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
-        self.stage, self.tc, self.log, self.progress = stage, tc, log, progress
+        self.stage, self.tc, self.log, self.progress, self.stream = stage, tc, log, progress, stream
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "ckpt"
         self.base = Path(base)
@@ -51,9 +58,13 @@ class PostTrainer:
 
         start = loop.find_resumable(self.ckpt_root, log) if resume == "auto" else (Path(resume) if resume else None)
         if resume == "auto" and start is None:
-            log(f"no complete checkpoint under {self.ckpt_root}; starting from {self.base}")
+            log(f"no complete checkpoint under {self.ckpt_root}; starting from "
+                + ("a fresh model" if build_model else str(self.base)))
         source = start if start is not None else self.base
-        self.model = ckpt_io.load_model(source, device=self.device)
+        if start is None and build_model is not None:
+            self.model = build_model(self.device)
+        else:
+            self.model = ckpt_io.load_model(source, device=self.device)
         self.tok = ckpt_io.load_tokenizer(source)
         self.parent = str(self.base.resolve())
         self.optimizer = build_optimizer(self.model, tc, self.device.type)
@@ -69,6 +80,8 @@ class PostTrainer:
             self.optimizer.load_state_dict(ckpt_io.load_optimizer_state(start))
             self.step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+            if stream is not None:
+                stream.load_state_dict(state["stream"])
             loop._set_rng_state(state["rng"])
             self.parent = ckpt_io.read_meta(start).get("parent", self.parent)
             log(f"resumed {stage} from {start} at step {self.step}")
@@ -81,6 +94,8 @@ class PostTrainer:
         state = {"stage": self.stage, "step": self.step, "tokens_seen": self.tokens_seen, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "rng": loop._rng_state(), "data_sha256": self.data_sha256,
                  "config_sha256": sha256_bytes(json.dumps(to_dict(self.run_cfg)).encode())}
+        if self.stream is not None:  # the position after the last step's batches
+            state["stream"] = self.stream.state_dict()
         meta = {"stage": self.stage, "parent": self.parent, "final": final, **self.meta}
         path = ckpt_io.save_checkpoint(self.ckpt_root / f"step-{self.step:06d}", self.model, self.tok,
                                        optimizer=self.optimizer, trainer_state=state, meta=meta, overwrite=True)
@@ -90,9 +105,12 @@ class PostTrainer:
 
     # ---------------------------------------------------------------------------------------------- loop
 
-    def fit(self, epoch_batches: Callable[[int], list], train_step: Callable[[Any], dict[str, float]],
+    def fit(self, epoch_batches: Callable[[int], list] | None, train_step: Callable[[Any], dict[str, float]],
             evaluate: Callable[[], dict[str, float]]) -> dict[str, Any]:
+        """Train to `max_steps` (or `max_minutes`); `epoch_batches=None` means train_step draws from the stream."""
         tc = self.tc
+        if epoch_batches is None and self.stream is None:
+            raise ValueError("fit(None, ...) needs the stream train_step draws from, to save its position")
         metrics = loop.MetricsLog(self.out_dir, self.run_cfg, enabled=self.progress)
         metrics.write({"event": "start", "stage": self.stage, "step": self.step, "max_steps": tc.max_steps,
                        "resumed_from": str(self.resumed_from) if self.resumed_from else None,
@@ -103,28 +121,31 @@ class PostTrainer:
 
             bar = tqdm(total=tc.max_steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
-        batches = epoch_batches(self.epoch)
-        if not batches:
+        batches = epoch_batches(self.epoch) if epoch_batches is not None else None
+        if batches is not None and not batches:
             raise ValueError(f"{self.stage}: an epoch holds no batch (no usable training example)")
         self.model.train()
         t_start = time.perf_counter()
         train_time, window_tokens, window_time = 0.0, 0, 0.0
         first_loss, last, last_eval, last_ckpt = None, {}, None, None
         while self.step < tc.max_steps:
-            if self.batch_in_epoch >= len(batches):
+            if batches is not None and self.batch_in_epoch >= len(batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 batches = epoch_batches(self.epoch)
             t0 = time.perf_counter()
             lr = lr_at(self.step, tc)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            last = train_step(batches[self.batch_in_epoch])
+            if batches is None:
+                last = train_step(None)
+            else:
+                last = train_step(batches[self.batch_in_epoch])
+                self.batch_in_epoch += 1
             grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
                          if tc.grad_clip > 0 else None)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.batch_in_epoch += 1
             self.tokens_seen += int(last.get("tokens", 0))
             first_loss = last["loss"] if first_loss is None else first_loss
             dt = time.perf_counter() - t0
