@@ -12,6 +12,7 @@ Tiny models, built once per session and shared by every test file that asks for 
 
 They are shared, so they are read-only: a test that would write into one copies it first.
 `one_thread` pins torch to one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+Plain helpers for test files (`from conftest import ...`): `MIXED_TEXTS`, `TINY_TEXTS`, `assert_hf_logits_match`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,32 @@ MIXED_TEXTS = [
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("KFOUNDRY_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+# Korean, English, digits and emoji, repeated so a tiny BPE has enough to learn from (test_quantize, test_upscale).
+TINY_TEXTS = [
+    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
+    "The quick brown fox jumps over the lazy dog. Python is a programming language.",
+    "In 2026, 12,345 people 😀 visited Seoul; 오늘 날씨 좋네요 🎉",
+] * 20
+
+
+def assert_hf_logits_match(ckpt, hf_dir, tok, texts, atol: float = 1e-5):
+    """Our checkpoint and its Hugging Face export give the same logits, text by text (every non-empty text of
+    `texts`, and all of them joined)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kfoundry.checkpoint import load_model
+
+    ours = load_model(ckpt).eval()
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    for text in [t for t in texts if t] + [" ".join(texts)]:
+        ids = torch.tensor([tok.encode(text, bos=True)])
+        with torch.no_grad():
+            a, b = ours(ids), hf(ids).logits
+        assert torch.allclose(a, b, atol=atol, rtol=0), f"{text!r}: max diff {(a - b).abs().max()}"
+    return hf
 
 
 @pytest.fixture(scope="session")

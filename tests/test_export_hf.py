@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import assert_hf_logits_match
 from kfoundry.checkpoint import load_model, save_checkpoint
 from kfoundry.cli import main
 from kfoundry.config import ModelConfig
@@ -29,10 +30,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from kfoundry.tokenizer import train_tokenizer
-
-    return train_tokenizer(TRAIN_TEXT, 400)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer(TRAIN_TEXT, 400)
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -51,17 +50,9 @@ def exported(request, tok, tmp_path_factory):
 
 
 def test_logits_match_within_1e5(exported, tok, mixed_texts):
-    from transformers import AutoModelForCausalLM
-
     ckpt, out = exported
-    ours = load_model(ckpt).eval()
-    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
+    hf = assert_hf_logits_match(ckpt, out, tok, mixed_texts)
     assert type(hf).__name__ == "LlamaForCausalLM"
-    for text in [t for t in mixed_texts if t] + [" ".join(mixed_texts)]:
-        ids = torch.tensor([tok.encode(text, bos=True)])
-        with torch.no_grad():
-            a, b = ours(ids), hf(ids).logits
-        assert torch.allclose(a, b, atol=1e-5, rtol=0), f"{text!r}: max diff {(a - b).abs().max()}"
 
 
 def test_token_ids_and_chat_template_agree(exported, tok, mixed_texts):

@@ -155,7 +155,7 @@ def test_shapes_a_type_cannot_hold_are_refused(trained, tmp_path):
     with pytest.raises(ValueError, match=r"token_embd\.weight has rows of 48 values.*q8_0.*32"):
         export_gguf(c, tmp_path / "m.gguf", out_type="q8_0")
     assert main(["export", "gguf", "--model", str(c), "--out", str(tmp_path / "m.gguf"), "--type", "q4_0"]) == 2
-    assert not any(tmp_path.glob("*.gguf")) and not any(tmp_path.glob(".tmp-*"))  # nothing half-written
+    assert not any(tmp_path.glob("*.gguf")) and not any(tmp_path.glob(".*"))  # nothing half-written
     assert main(["export", "gguf", "--model", str(c), "--out", str(tmp_path / "m.gguf"), "--type", "f16"]) == 0
     assert main(["export", "gguf", "--model", str(c), "--out", str(tmp_path / "m.gguf"), "--type", "f16"]) == 2
     assert main(["export", "gguf", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")]) == 2

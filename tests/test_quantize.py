@@ -9,16 +9,13 @@ import pytest
 import torch
 
 from kfoundry.checkpoint import load_model, save_checkpoint
+from conftest import TINY_TEXTS
 from kfoundry.cli import main
 from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.model.llama import Transformer
 from kfoundry.model.quantize import Int8Embedding, Int8Linear, model_bytes, quantize_int8, quantize_weight
 
-TRAIN_TEXT = [
-    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
-    "The quick brown fox jumps over the lazy dog. Python is a programming language.",
-    "In 2026, 12,345 people 😀 visited Seoul; 오늘 날씨 좋네요 🎉",
-] * 20
+TRAIN_TEXT = TINY_TEXTS
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_TEXTS, assert_hf_logits_match
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer, read_meta, save_checkpoint, verify
 from kfoundry.cli import main
 from kfoundry.config import ModelConfig
@@ -23,18 +24,11 @@ from kfoundry.model.upscale import (
     upscale_state_dict,
 )
 
-TRAIN_TEXT = [
-    "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.",
-    "The quick brown fox jumps over the lazy dog. Python is a programming language.",
-    "In 2026, 12,345 people 😀 visited Seoul; 오늘 날씨 좋네요 🎉",
-] * 20
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from kfoundry.tokenizer import train_tokenizer
-
-    return train_tokenizer(TRAIN_TEXT, 360)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer(TINY_TEXTS, 360)
 
 
 def make_parent(tok, path: Path, *, tie: bool, n_layers: int = 4) -> Path:
@@ -164,20 +158,12 @@ def test_identity_plan_reproduces_parent_logits(parents, tok, tmp_path, mixed_te
 
 
 def test_upscaled_model_exports_to_hf_with_parity(parents, tok, tmp_path, mixed_texts):
-    from transformers import AutoModelForCausalLM
-
     from kfoundry.export.hf import export_hf
 
     child = upscale_checkpoint(parents[False], tmp_path / "child", drop=1)
     hf_dir = export_hf(child, tmp_path / "hf")
-    ours = load_model(child).eval()
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    hf = assert_hf_logits_match(child, hf_dir, tok, mixed_texts)
     assert hf.config.num_hidden_layers == 6
-    for text in [t for t in mixed_texts if t] + [" ".join(mixed_texts)]:
-        ids = torch.tensor([tok.encode(text, bos=True)])
-        with torch.no_grad():
-            a, b = ours(ids), hf(ids).logits
-        assert torch.allclose(a, b, atol=1e-5, rtol=0), f"{text!r}: max diff {(a - b).abs().max()}"
 
 
 def test_cli_refuses_bad_plans_and_paths(parents, tmp_path, capsys):

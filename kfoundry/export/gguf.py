@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import ModelConfig
-from kfoundry.fileio import atomic_write_text
+from kfoundry.fileio import atomic_file, atomic_write_text
 from kfoundry.text import nfc
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -194,11 +193,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
     tensors = gguf_tensors(model, out_type)  # every shape is checked here, before the file is opened
     tokens, types, merges = tokenizer_fields(tok, cfg.vocab_size)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:  # a failed or killed export leaves no file that looks like a model
         w = gguf.GGUFWriter(tmp, ARCH)
         w.add_name(ckpt.resolve().name)
         w.add_file_type(_file_type(out_type))
@@ -241,9 +236,6 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return GGUFExport(path=out, out_type=out_type, size_bytes=out.stat().st_size, tensor_types=tensor_types,
                       n_vocab=cfg.vocab_size)
 

@@ -123,9 +123,9 @@ class SequenceDecoder:
         cfg = self.cfg
         if not self.supports(model):
             raise ValueError("SequenceDecoder runs float32 or int8 models on the CPU")
-        cached = model.__dict__.get("_sequence_decoder_weights")
-        if cached is None or cached[0] != _signature(model):
-            cached = (_signature(model), self._prepare(model))
+        signature, cached = _signature(model), model.__dict__.get("_sequence_decoder_weights")
+        if cached is None or cached[0] != signature:
+            cached = (signature, self._prepare(model))
             model.__dict__["_sequence_decoder_weights"] = cached
         self.layers, self.order = cached[1]
         self.dim_eps = cfg.dim * cfg.norm_eps

@@ -163,22 +163,23 @@ def load_chats(spec: str | Path, stats: LoadStats | None = None) -> list[Chat]:
     """Conversations from a messages JSONL file, a question/answer CSV, or `starter`."""
     stats = stats if stats is not None else LoadStats()
     path = resolve_path(spec, STARTER_CHAT_FILE)
-    chats = _load_qa_csv(path, stats) if path.suffix.lower() == ".csv" else _load_messages(path, stats)
+    chats = _load_qa_csv(path, stats) if path.suffix.lower() == ".csv" else _parse_jsonl(path, stats, parse_chat)
     if not chats:
         raise ValueError(f"{path}: no usable conversation ({stats.summary()})")
     return chats
 
 
-def _load_messages(path: Path, stats: LoadStats) -> list[Chat]:
-    chats = []
+def _parse_jsonl(path: Path, stats: LoadStats, parse: Callable[[dict], Row]) -> list[Row]:
+    """Every object of a JSONL file through `parse`; one it refuses is counted under its reason, not kept."""
+    rows = []
     for obj in _json_objects(path, stats):
         try:
-            chats.append(parse_chat(obj))
+            rows.append(parse(obj))
         except _Bad as e:
             stats.reject(e.reason)
             continue
         stats.kept += 1
-    return chats
+    return rows
 
 
 def _pick_column(fields: list[str], candidates: tuple[str, ...]) -> str | None:
@@ -253,14 +254,7 @@ def load_preferences(spec: str | Path, stats: LoadStats | None = None) -> list[P
     """Preference pairs from a JSONL file or `starter`."""
     stats = stats if stats is not None else LoadStats()
     path = resolve_path(spec, STARTER_PREFS_FILE)
-    prefs = []
-    for obj in _json_objects(path, stats):
-        try:
-            prefs.append(parse_preference(obj))
-        except _Bad as e:
-            stats.reject(e.reason)
-            continue
-        stats.kept += 1
+    prefs = _parse_jsonl(path, stats, parse_preference)
     if not prefs:
         raise ValueError(f"{path}: no usable preference pair ({stats.summary()})")
     return prefs
