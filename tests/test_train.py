@@ -205,3 +205,28 @@ def test_compiled_training_matches_eager(prepared, tmp_path):
     assert len(losses["eager"]) == len(losses["compiled"]) == 6
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=2e-3)
     assert losses["compiled"][-1] < losses["compiled"][0]
+
+
+def test_tensorboard_logs_and_a_clear_wandb_error(prepared, tmp_path):
+    """The run directory's tb/ holds the same scalars as metrics.jsonl; asking for W&B without the package installed
+    is a one-line error, not a traceback."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tok, shards = prepared
+    cfg = resolve("test-micro", overrides=MICRO + ["train.max_steps=8", "train.eval_every=8"])
+    # progress=False (as --no-progress): that silences the terminal only, the logs are still written
+    loop.pretrain(cfg, tmp_path / "tb-run", shard_dir=shards, tokenizer_dir=tok, progress=False, log=lambda m: None)
+    events = EventAccumulator(str(tmp_path / "tb-run" / "tb"))
+    events.Reload()
+    assert {"loss", "tokens_per_sec", "val_bpb"} <= set(events.Tags()["scalars"])
+    rows = [json.loads(x) for x in (tmp_path / "tb-run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["loss"] for r in rows if "loss" in r and r.get("event") is None}
+    assert {e.step: pytest.approx(e.value, rel=1e-6) for e in events.Scalars("loss")} == logged
+
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        code = subprocess.run(cli(tmp_path / "wandb-run", prepared, "--set", "train.wandb=true"),
+                              capture_output=True, text=True, timeout=300)
+        assert code.returncode == 2 and "pip install 'kfoundry[wandb]'" in code.stderr
+        assert "Traceback" not in code.stderr

@@ -111,7 +111,7 @@ class PostTrainer:
         tc = self.tc
         if epoch_batches is None and self.stream is None:
             raise ValueError("fit(None, ...) needs the stream train_step draws from, to save its position")
-        metrics = loop.MetricsLog(self.out_dir, self.run_cfg, enabled=self.progress)
+        metrics = loop.MetricsLog(self.out_dir, self.run_cfg)
         metrics.write({"event": "start", "stage": self.stage, "step": self.step, "max_steps": tc.max_steps,
                        "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                        "parent": self.parent, "params": self.model.num_params(), "device": str(self.device)})

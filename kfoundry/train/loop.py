@@ -149,14 +149,14 @@ def evaluate(model, shard_dir: Path, cfg: RunConfig, token_bytes: torch.Tensor, 
 
 
 class MetricsLog:
-    """metrics.jsonl (append-only, one JSON object per line) plus TensorBoard, and W&B when asked."""
+    """metrics.jsonl (append-only, one JSON object per line) plus TensorBoard, and W&B when asked.
 
-    def __init__(self, out_dir: Path, cfg: RunConfig, enabled: bool = True):
+    All three are written whether or not a progress bar is shown (`--no-progress` only silences the terminal)."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig):
         self.path = out_dir / "metrics.jsonl"
         self.tb = None
         self.wandb = None
-        if not enabled:
-            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -164,8 +164,10 @@ class MetricsLog:
         except ImportError:
             pass
         if cfg.train.wandb:
-            import wandb  # optional dependency: pip install kfoundry[wandb]
-
+            try:
+                import wandb  # optional dependency
+            except ImportError:
+                raise ValueError("train.wandb=true needs the wandb package: pip install 'kfoundry[wandb]'") from None
             self.wandb = wandb.init(project="kfoundry", dir=str(out_dir), config=to_dict(cfg))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -296,7 +298,7 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
     peak, peak_src = peak_flops(device)
     if peak and info.world_size > 1:
         peak, peak_src = peak * info.world_size, f"{peak_src} x {info.world_size} ranks"
-    metrics = MetricsLog(out_dir, cfg, enabled=progress) if main else None
+    metrics = MetricsLog(out_dir, cfg) if main else None
     if metrics:
         metrics.write({"event": "start", "step": step, "resumed_from": str(start) if start else None,
                        "params": n_params, "flops_per_token": flops_per_token, "peak_flops": peak,
