@@ -36,9 +36,10 @@ from kfoundry.checkpoint import load_model
 from kfoundry.config import RunConfig, resolve, to_dict
 from kfoundry.corpus import CorpusStats, iter_documents
 from kfoundry.data.shards import write_shards
-from kfoundry.model.upscale import upscale_checkpoint
+from kfoundry.convert.upscale import upscale_checkpoint
 from kfoundry.tokenizer import KTokenizer, train_tokenizer
 from kfoundry.train import loop
+from kfoundry.train.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 NSMC = "ko/nsmc/reviews.jsonl.gz"
@@ -226,7 +227,9 @@ def main() -> None:
     tok = KTokenizer.load(tok_dir)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.long)
     # The seam's shock: the stacked model before any continued training.
-    shock_eval = loop.evaluate(child_model, shards, scratch_cfg, token_bytes, torch.device("cpu"))
+    tc = scratch_cfg.train
+    shock_eval = evaluate(child_model, shards, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
+                          max_batches=tc.eval_batches, token_bytes=token_bytes, device=torch.device("cpu"))
     shock = {"step": 0, "flops": parent["flops"], "bpb": shock_eval["bpb"]}
     print(f"  upscaled {args.layers} -> {child_layers} layers: val bpb {shock['bpb']:.4f} before continuing "
           f"(parent {parent['summary']['eval']['val_bpb']:.4f}); compute-matched continuation: {matched} steps",

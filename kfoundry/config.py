@@ -80,6 +80,9 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float = 0.0  # 0 = no wall-clock limit; else stop (and checkpoint) when reached
     wandb: bool = False
+    prefetch: int = 2  # batches drawn ahead on a background thread (pinned memory on CUDA); 0 = draw in the step
+    async_checkpoint: bool = True  # under torchrun: write DCP shards in the background (final checkpoints wait)
+    dist_timeout_minutes: float = 10.0  # how long a collective may wait before the job is aborted (NCCL watchdog)
 
 
 @dataclass

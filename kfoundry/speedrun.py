@@ -54,7 +54,7 @@ def _speedrun(args) -> int:
 def speedrun(cfg, out: Path, progress: bool = True) -> dict:
     from kfoundry.checkpoint import load_model, load_tokenizer
     from kfoundry.config import to_dict, write_config
-    from kfoundry.model.cli import complete
+    from kfoundry.serve.generate_cli import complete
     from kfoundry.model.generate import SamplingParams
     from kfoundry.pipeline import ensure_curated, ensure_shards, ensure_tokenizer
     from kfoundry.report.run_report import read_metrics, write_report

@@ -15,7 +15,7 @@ from kfoundry.checkpoint import load_config, load_model, load_tokenizer, read_me
 from kfoundry.cli import main
 from kfoundry.config import ModelConfig
 from kfoundry.fileio import sha256_bytes, sha256_file
-from kfoundry.model.import_hf import UnsupportedConfigError, import_hf, model_config_from_hf
+from kfoundry.convert.import_hf import UnsupportedConfigError, import_hf, model_config_from_hf
 from kfoundry.model.llama import Transformer
 from kfoundry.text import nfc
 

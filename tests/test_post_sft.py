@@ -130,7 +130,7 @@ def test_resume_continues_bit_for_bit(base, tmp_path):
     logs = []
     summary = S.sft(ckpt, [data], tmp_path / "b", S.sft_train_config("test-micro", over), val_fraction=0.25,
                     resume="auto", progress=False, log=logs.append)
-    assert any("resumed sft" in m and "step 4" in m for m in logs)
+    assert any("resumed from" in m and "step 4" in m and "(sft)" in m for m in logs)
     a = load_file(str(steps[-1] / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "ckpt" / "step-000008" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

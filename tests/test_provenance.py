@@ -212,7 +212,7 @@ def test_an_unrecorded_checkpoint_is_reported(run, tmp_path):
 
 def test_an_imported_model_lineage_ends_at_the_external_source(run, tmp_path):
     from kfoundry.export.hf import export_hf
-    from kfoundry.model.import_hf import import_hf
+    from kfoundry.convert.import_hf import import_hf
 
     hf_dir = export_hf(final_ckpt(run), tmp_path / "someone-elses-model")
     imported, _ = import_hf(hf_dir, tmp_path / "imported", tokenizer=run / "tokenizer")  # records itself

@@ -14,7 +14,7 @@ from kfoundry.checkpoint import load_model, load_tokenizer, read_meta, save_chec
 from kfoundry.cli import main
 from kfoundry.config import ModelConfig, resolve
 from kfoundry.model.llama import Transformer
-from kfoundry.model.upscale import upscale_checkpoint
+from kfoundry.convert.upscale import upscale_checkpoint
 from kfoundry.pipeline import ensure_shards, ensure_tokenizer
 from kfoundry.provenance.audit import (INDEPENDENT, LIKELY_DERIVED, NOT_COMPARABLE, audit, compare,
                                        load_weights)

@@ -15,11 +15,11 @@ from kfoundry.checkpoint import load_config, load_model, load_tokenizer, read_me
 from kfoundry.cli import main
 from kfoundry.config import ModelConfig
 from kfoundry.model.llama import Transformer
+from kfoundry.convert.upscale import upscale_checkpoint
 from kfoundry.model.upscale import (
     dus_plan,
     format_plan,
     parse_layer_plan,
-    upscale_checkpoint,
     upscale_config,
     upscale_state_dict,
 )

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from kfoundry.train.cli import add_resume_args, launch_torchrun
+from kfoundry.train.distributed import env_rank
+
 
 def _train_args(p: argparse.ArgumentParser, epochs: float) -> None:
     p.add_argument("--model", required=True, help="checkpoint to start from")
@@ -14,12 +17,16 @@ def _train_args(p: argparse.ArgumentParser, epochs: float) -> None:
     p.add_argument("--val-data", action="append", default=[], metavar="FILE",
                    help="held-out data (default: a seeded --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--epochs", type=float, default=epochs, help="passes over the data, unless train.max_steps is set")
+    p.add_argument("--epochs", type=float, default=None,
+                   help=f"passes over the data, unless train.max_steps is set (default {epochs})")
     p.add_argument("--preset", default=None, help="batch shape and device from this preset (default cpu-tiny)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
                    help="override a training setting, e.g. --set train.lr=5e-4 (repeatable)")
-    p.add_argument("--resume", default=None, help="'auto' = newest complete checkpoint under OUT/ckpt, or a path")
+    add_resume_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar or TensorBoard")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="launch N processes on this machine with torchrun (FSDP2 by default; see docs/distributed.md)")
+    p.set_defaults(default_epochs=epochs)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("dpo", help="direct preference optimization on prompt/chosen/rejected pairs")
     _train_args(p, epochs=2.0)
-    p.add_argument("--beta", type=float, default=0.1, help="how far the policy may move from the reference")
+    p.add_argument("--beta", type=float, default=None, help="how far the policy may move from the reference (default 0.1)")
     p.set_defaults(func=_dpo)
 
     p = sub.add_parser("merge", help="merge checkpoints of one architecture (linear or SLERP)")
@@ -57,23 +64,41 @@ def _print_summary(summary: dict, keys: tuple[str, ...]) -> None:
     print(json.dumps({k: summary.get(k) for k in keys}, ensure_ascii=False))
 
 
+def _explicit(args, *options: str) -> bool:
+    """Did the command line name a setting? If not, a resumed run keeps its recorded settings."""
+    return bool(args.preset or args.overrides or any(getattr(args, o) is not None for o in options))
+
+
+def _common(args) -> dict:
+    return {"val_data": args.val_data, "val_fraction": args.val_fraction,
+            "epochs": args.epochs if args.epochs is not None else args.default_epochs, "resume": args.resume,
+            "progress": not args.no_progress, "explicit": _explicit(args, "epochs"),
+            "allow_change": args.allow_change}
+
+
 def _sft(args) -> int:
     from kfoundry.post.sft import sft, sft_train_config
 
+    if args.nproc is not None:
+        return launch_torchrun(args.nproc, args.argv)
     tc = sft_train_config(args.preset, args.overrides)
-    summary = sft(args.model, args.data, args.out, tc, val_data=args.val_data, val_fraction=args.val_fraction,
-                  epochs=args.epochs, resume=args.resume, progress=not args.no_progress)
-    _print_summary(summary, ("step", "first_loss", "final_loss", "val_loss", "checkpoint", "data"))
+    summary = sft(args.model, args.data, args.out, tc, **_common(args))
+    if env_rank() == 0:
+        _print_summary(summary, ("step", "first_loss", "final_loss", "val_loss", "checkpoint", "data"))
     return 0
 
 
 def _dpo(args) -> int:
     from kfoundry.post.dpo import dpo, dpo_train_config
 
+    if args.nproc is not None:
+        return launch_torchrun(args.nproc, args.argv)
     tc = dpo_train_config(args.preset, args.overrides)
-    summary = dpo(args.model, args.data, args.out, tc, beta=args.beta, val_data=args.val_data,
-                  val_fraction=args.val_fraction, epochs=args.epochs, resume=args.resume,
-                  progress=not args.no_progress)
+    common = _common(args)
+    common["explicit"] = common["explicit"] or args.beta is not None
+    summary = dpo(args.model, args.data, args.out, tc, beta=args.beta if args.beta is not None else 0.1, **common)
+    if env_rank() != 0:
+        return 0
     ev = summary.get("eval") or {}
     _print_summary({**summary, **{k: ev.get(k) for k in ("val_reward_acc", "val_reward_margin")},
                     **{f"train_{k}": summary["last_train"].get(k) for k in ("reward_acc", "reward_margin")}},

@@ -22,8 +22,8 @@ Teacher and student must share the tokenizer: the KL compares distributions over
 student's `vocab_size` is therefore set to the teacher's. The teacher only runs forward passes, in eval mode
 and without gradients.
 
-The loop is the one SFT and DPO use (`PostTrainer`, kfoundry/post/runner.py), fed from the pretraining loader
-(PackedLoader) and scored with the pretraining evaluation: the run writes OUT/ckpt/step-N (with trainer_state.json
+The loop is the one training engine every stage uses (kfoundry/train/trainer.py), fed from the pretraining loader
+(PackedLoader) and scored with the pretraining evaluation, on one process or under torchrun (`--nproc N`): the run writes OUT/ckpt/step-N (with trainer_state.json
 and optimizer.pt, the last `train.keep_last` kept), OUT/metrics.jsonl and OUT/run_config.json, each checkpoint's
 meta.json names the teacher as its parent, and `resume="auto"` (`--resume auto`) continues a stopped run to the
 same weights as an uninterrupted one: the loader's position is saved with each checkpoint.
@@ -40,29 +40,36 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from kfoundry import checkpoint as ckpt_io
+from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import RunConfig
+from kfoundry.data.loader import PackedLoader
+from kfoundry.errors import ConfigError
 from kfoundry.fileio import sha256_file
 from kfoundry.model.llama import Transformer
-from kfoundry.post.runner import PostTrainer
-from kfoundry.train import loop
+from kfoundry.post.runner import open_post_run
+from kfoundry.train.distributed import prepare_frozen, shutdown
+from kfoundry.train.evaluation import evaluate_by_language
+from kfoundry.train.trainer import LoaderSource, Stage, StepLoss, Trainer
 
 
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
-                 alpha: float, temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over target positions (targets >= 0) of the blended loss above; also returns both parts."""
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor, *,
+                 alpha: float, temperature: float, reduction: str = "mean") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The blended loss above over target positions (targets >= 0), as a mean or a sum; also returns both parts
+    (detached, same reduction). No host sync: the training engine reads the numbers once per step."""
     keep = targets.reshape(-1) >= 0
     s = student_logits.float().reshape(-1, student_logits.size(-1))[keep]
     y = targets.reshape(-1)[keep]
-    ce = F.cross_entropy(s, y)
-    if alpha == 0:
-        return ce, {"ce": ce.item(), "kl": 0.0}
+    ce = F.cross_entropy(s, y, reduction=reduction)
+    if alpha == 0 or teacher_logits is None:
+        return ce, {"ce": ce.detach(), "kl": torch.zeros((), device=ce.device)}
     t = teacher_logits.float().reshape(-1, teacher_logits.size(-1))[keep]
-    # KL(p_teacher || p_student) = sum p_t (log p_t - log p_s), averaged over positions ("batchmean").
+    # KL(p_teacher || p_student) = sum p_t (log p_t - log p_s), per position; averaged ("batchmean") or summed.
     kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                  reduction="batchmean")
+                  reduction="sum")
+    if reduction == "mean":
+        kl = kl / max(1, s.shape[0])
     loss = (1 - alpha) * ce + alpha * temperature**2 * kl
-    return loss, {"ce": ce.item(), "kl": kl.item()}
+    return loss, {"ce": ce.detach(), "kl": kl.detach()}
 
 
 def check_settings(alpha: float, temperature: float) -> None:
@@ -81,73 +88,66 @@ def inputs_sha256(shard_dir: Path, teacher: Path) -> str:
     return h.hexdigest()
 
 
+def teacher_shards(teacher: Path) -> Path | None:
+    """The token shards the teacher was trained on, when it sits in a run directory that has them
+    (RUN/ckpt/step-N -> RUN/shards): their validation split is the one both models are scored on."""
+    run = teacher.resolve().parent.parent
+    return run / "shards" if (run / "shards" / "meta.json").is_file() else None
+
+
 def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path,
             alpha: float = 0.9, temperature: float = 1.0, resume: str | None = None, progress: bool = True,
+            explicit: bool = True, allow_change: bool = False,
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Train a fresh student shaped by `cfg.model` on shards of the teacher's tokenizer; returns a summary.
 
     `resume="auto"` continues from the newest complete checkpoint under OUT/ckpt (or a fresh student if none).
     The summary holds the final checkpoint path, the student's and the teacher's validation loss and bits per
     byte (`eval`, `teacher_eval`; per language where the shards have several), parameter counts and tokens/s.
+    Under torchrun every rank calls this; the teacher is sharded like the student (FSDP) or replicated (DDP).
     """
-    from kfoundry.data.loader import PackedLoader
-
     check_settings(alpha, temperature)
     out_dir, shard_dir, teacher = Path(out_dir), Path(shard_dir), Path(teacher)
-    tc = cfg.train
-    device = loop.pick_device(tc.device)
-
-    teacher_model = ckpt_io.load_model(teacher, device=device).eval()
-    for p in teacher_model.parameters():
-        p.requires_grad_(False)
-    tok = ckpt_io.load_tokenizer(teacher)
-    if cfg.model.vocab_size != teacher_model.cfg.vocab_size:
-        log(f"student vocab_size set to the teacher's ({teacher_model.cfg.vocab_size}): they share a tokenizer")
-        cfg.model.vocab_size = teacher_model.cfg.vocab_size
-    for who, m in (("student", cfg.model), ("teacher", teacher_model.cfg)):
-        if tc.seq_len > m.max_seq_len:
-            raise ValueError(f"train.seq_len={tc.seq_len} exceeds the {who}'s max_seq_len={m.max_seq_len}")
-
+    tok = load_tokenizer(teacher)
+    teacher_cfg = load_config(teacher)
+    if cfg.model.vocab_size != teacher_cfg.vocab_size:
+        log(f"student vocab_size set to the teacher's ({teacher_cfg.vocab_size}): they share a tokenizer")
+        cfg.model.vocab_size = teacher_cfg.vocab_size
+    for who, m in (("student", cfg.model), ("teacher", teacher_cfg)):
+        if cfg.train.seq_len > m.max_seq_len:
+            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the {who}'s max_seq_len={m.max_seq_len}")
+    info, run, cfg, options = open_post_run(
+        "distill", out_dir, cfg, {"alpha": alpha, "temperature": temperature}, resume=resume,
+        data_sha256=inputs_sha256(shard_dir, teacher), explicit=explicit, allow_change=allow_change, log=log)
+    tc, device = cfg.train, info.device
+    alpha, temperature = options["alpha"], options["temperature"]
+    teacher_model = prepare_frozen(load_model(teacher, device=device), info, tc.parallel)
     loader = PackedLoader(shard_dir, split="train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
-                          seed=tc.seed, expect_tokenizer_hash=tok.hash)
+                          seed=tc.seed, rank=info.rank, world_size=info.world_size, expect_tokenizer_hash=tok.hash)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.long, device=device)
-    accum = max(1, math.ceil(tc.tokens_per_step / (tc.micro_batch_size * tc.seq_len))) if tc.tokens_per_step else 1
 
     def evaluate(model) -> dict[str, float]:
-        result: dict[str, float] = {}
-        for lang in [None, *loop._val_languages(shard_dir)]:
-            r = loop.evaluate(model, shard_dir, cfg, token_bytes, device, lang=lang)
-            if r is not None:
-                suffix = f"_{lang}" if lang else ""
-                result[f"val_loss{suffix}"], result[f"val_bpb{suffix}"] = r["loss"], r["bpb"]
-        return result
+        return evaluate_by_language(model, shard_dir, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
+                                    max_batches=tc.eval_batches, token_bytes=token_bytes, device=device, info=info)
+
+    def loss(student, batch) -> StepLoss:
+        x, y = batch
+        with torch.no_grad():
+            t_logits = teacher_model(x) if alpha > 0 else None
+        total, parts = distill_loss(student(x), t_logits, y, alpha=alpha, temperature=temperature,
+                                    reduction="sum")
+        count = (y >= 0).sum()
+        return StepLoss(loss=total, count=count, tokens=count, metrics=parts)
 
     teacher_eval = evaluate(teacher_model)  # the yardstick, recorded in every checkpoint's meta.json
-    trainer = PostTrainer("distill", teacher, out_dir, tc, resume=resume, data_sha256=inputs_sha256(shard_dir, teacher),
-                          data_spec=str(shard_dir), progress=progress, log=log,
-                          meta={"alpha": alpha, "temperature": temperature, "teacher_eval": teacher_eval},
-                          build_model=lambda dev: Transformer.build(cfg.model, device=dev, seed=tc.seed),
-                          stream=loader)  # a resumed trainer has put the loader back where the checkpoint left it
-    student = trainer.model
-    batches = iter(loader)  # the loader's state advances as batches are drawn
-
-    def train_step(_: None) -> dict[str, float]:
-        """One optimizer step's gradients, accumulated over `accum` micro-batches drawn from the loader."""
-        parts = {"ce": 0.0, "kl": 0.0}
-        loss_sum, targets = 0.0, 0
-        for _ in range(accum):
-            x, y = (t.to(device) for t in next(batches))
-            with torch.no_grad(), loop.autocast(device):
-                t_logits = teacher_model(x) if alpha > 0 else None
-            with loop.autocast(device):
-                loss, p = distill_loss(student(x), t_logits, y, alpha=alpha, temperature=temperature)
-            (loss / accum).backward()
-            loss_sum += loss.item() / accum
-            parts = {k: parts[k] + p[k] / accum for k in parts}
-            targets += int((y >= 0).sum())
-        return {"loss": loss_sum, **parts, "tokens": targets}
-
-    summary = trainer.fit(None, train_step, lambda: evaluate(student))
+    student = Transformer.build(cfg.model, device=device, seed=tc.seed)
+    stage = Stage("distill", loss=loss, source=LoaderSource(loader), evaluate=evaluate, metric_names=("ce", "kl"),
+                  flops_per_token=student.flops_per_token(tc.seq_len))
+    trainer = Trainer(stage, cfg, out_dir, run=run, model=student, tokenizer=tok, info=info, device=device,
+                      parent=str(teacher.resolve()), data_sha256=inputs_sha256(shard_dir, teacher),
+                      meta={"alpha": alpha, "temperature": temperature, "teacher_eval": teacher_eval},
+                      progress=progress, log=log)
+    summary = trainer.fit()
+    shutdown(info)
     return {**summary, "teacher_eval": teacher_eval, "alpha": alpha, "temperature": temperature,
-            "params": student.num_params(), "teacher_params": teacher_model.num_params(),
-            "tokens_per_sec": loop._median_tps(out_dir)}
+            "teacher_params": teacher_model.num_params()}

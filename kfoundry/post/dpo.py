@@ -26,20 +26,27 @@ import copy
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from kfoundry.config import TrainConfig
-from kfoundry.fileio import read_json
+from kfoundry.checkpoint import load_config, load_model, load_tokenizer
+from kfoundry.config import DataConfig, RunConfig, TrainConfig
+from kfoundry.errors import ConfigError
+from kfoundry.fileio import read_json, sha256_file
+from kfoundry.model.llama import Transformer
 from kfoundry.post.chat_format import normalize_messages, render_many, render_text
 from kfoundry.post.data import LoadStats, Preference, load_preferences, load_split_encode
-from kfoundry.post.runner import PostTrainer
-from kfoundry.post.sft import Example, examples_sha256, post_train_config
-from kfoundry.train import loop
+from kfoundry.post.runner import batches_per_step, derived_max_steps, open_post_run
+from kfoundry.post.sft import Example, examples_sha256, post_train_config, split_chats
+from kfoundry.train.distributed import DistInfo, prepare_frozen, shutdown
+from kfoundry.train.precision import autocast
+from kfoundry.train.trainer import EpochSource, Stage, StepLoss, Trainer
 
 DPO_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 5, "weight_decay": 0.0,
                                 "max_steps": 0, "eval_every": 25, "ckpt_every": 100, "log_every": 5}
@@ -120,40 +127,57 @@ def pair_logps(model, pairs: Sequence[Pair], batch_size: int, pad_id: int, devic
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         x, y = collate_pairs(chunk, pad_id)
-        with loop.autocast(device):
+        with autocast(device):
             lp = sequence_logps(model, x.to(device), y.to(device)).float().cpu()
         out.append(torch.stack([lp[:len(chunk)], lp[len(chunk):]], dim=1))
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 2)
 
 
-def reference_logps(base: Path, pairs: Sequence[Pair], cache: Path, data_sha256: str, batch_size: int, pad_id: int,
-                    device, log: Callable[[str], None]) -> torch.Tensor:
-    """The frozen reference's [N, 2] log-probabilities: from the cache when it matches, else computed and cached."""
-    from kfoundry.checkpoint import load_model
-    from kfoundry.fileio import sha256_file
+def dealt_logps(model, pairs: Sequence[Pair], batch_size: int, pad_id: int, device, info: DistInfo) -> torch.Tensor:
+    """[N, 2] log-probabilities of every pair, the work dealt out to the ranks: chunk j of `batch_size` pairs is
+    scored by rank j % world, every rank runs the same number of forward passes (a sharded model needs that; a
+    rank short of chunks repeats its last one), and the results are all-gathered on the device."""
+    chunks = [list(pairs[i:i + batch_size]) for i in range(0, len(pairs), batch_size)]
+    if not info.enabled or info.world_size == 1:
+        return pair_logps(model, pairs, batch_size, pad_id, device)
+    W, r = info.world_size, info.rank
+    per_rank = math.ceil(len(chunks) / W)
+    mine = [chunks[min(j, len(chunks) - 1)] for j in range(r, per_rank * W, W)]
+    out = torch.zeros(per_rank, batch_size, 2, device=info.device)
+    for k, chunk in enumerate(mine):
+        out[k, :len(chunk)] = pair_logps(model, chunk, batch_size, pad_id, device).to(info.device)
+    gathered = torch.zeros(W * per_rank, batch_size, 2, device=info.device)
+    torch.distributed.all_gather_into_tensor(gathered, out)
+    rows = [gathered[(j % W) * per_rank + j // W, :len(chunk)] for j, chunk in enumerate(chunks)]
+    return torch.cat(rows).float().cpu()
 
+
+def reference_logps(base: Path, pairs: Sequence[Pair], cache: Path, data_sha256: str, batch_size: int, pad_id: int,
+                    device, log: Callable[[str], None], info: DistInfo | None = None,
+                    parallel: str = "fsdp") -> torch.Tensor:
+    """The frozen reference's [N, 2] log-probabilities: from the cache when it matches, else computed (dealt out
+    to the ranks under torchrun, the reference sharded like the policy) and cached by rank 0."""
+    info = info or DistInfo()
     ref_sha = _weights_sha(base) or sha256_file(base / "model.safetensors")
     if cache.is_file():
-        from safetensors import safe_open
-
         with safe_open(str(cache), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("data_sha256") == data_sha256 and meta.get("reference_sha256") == ref_sha:
             log(f"reference log-probabilities: cached in {cache}")
             return load_file(str(cache))["logps"]
         log(f"{cache} was computed for other data or another reference; recomputing")
-    reference = load_model(base, device=device)
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    logps = pair_logps(reference, pairs, batch_size, pad_id, device)
+    reference = prepare_frozen(load_model(base, device=device), info, parallel)
+    logps = dealt_logps(reference, pairs, batch_size, pad_id, device, info)
     del reference  # frozen and no longer needed: training holds only the policy
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp")
-    save_file({"logps": logps.contiguous()}, str(tmp),
-              metadata={"data_sha256": data_sha256, "reference_sha256": ref_sha, "reference": str(base.resolve())})
-    tmp.replace(cache)
-    log(f"reference log-probabilities of {len(pairs)} pairs cached in {cache}")
+    if info.is_main:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        save_file({"logps": logps.contiguous()}, str(tmp),
+                  metadata={"data_sha256": data_sha256, "reference_sha256": ref_sha,
+                            "reference": str(base.resolve())})
+        tmp.replace(cache)
+        log(f"reference log-probabilities of {len(pairs)} pairs cached in {cache}")
     return logps
 
 
@@ -172,20 +196,39 @@ def preference_metrics(model, pairs: Sequence[Pair], ref: torch.Tensor, beta: fl
 
 
 def split_prefs(prefs: Sequence[Preference], val_fraction: float, seed: int):
-    from kfoundry.post.sft import split_chats
-
     return split_chats(prefs, val_fraction, seed)  # the same seeded split, by pair
+
+
+@dataclass
+class PairBatch:
+    """Inputs of one DPO micro-batch: the chosen rows then the rejected rows, and the reference's log-probs."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ref: torch.Tensor  # [B, 2]
+
+
+def dpo_loss(beta: float, pad_id: int) -> Callable[[Any, PairBatch], StepLoss]:
+    def loss(model, batch: PairBatch) -> StepLoss:
+        lp = sequence_logps(model, batch.x, batch.y)
+        n = batch.ref.shape[0]
+        terms = dpo_terms(torch.stack([lp[:n], lp[n:]], dim=1), batch.ref, beta)
+        count = torch.tensor(float(n), device=batch.x.device)
+        return StepLoss(loss=terms["loss"] * count, count=count, tokens=(batch.x != pad_id).sum(),
+                        metrics={k: terms[k].detach() * count for k in DPO_METRICS})
+    return loss
+
+
+DPO_METRICS = ("reward_acc", "reward_margin", "chosen_reward", "rejected_reward")
 
 
 def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: TrainConfig | None = None, *,
         beta: float = 0.1, val_data: Sequence[str | Path] = (), val_fraction: float = 0.05, epochs: float = 2.0,
-        resume: str | None = None, progress: bool = True,
+        resume: str | None = None, progress: bool = True, explicit: bool = True, allow_change: bool = False,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Train the policy (initialised from `base`, usually an SFT checkpoint) on preference pairs with DPO."""
-    from kfoundry.checkpoint import load_config, load_tokenizer
-
     if not beta > 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+        raise ConfigError(f"beta must be positive, got {beta}")
     base, out_dir = Path(base), Path(out_dir)
     tc = copy.deepcopy(tc) if tc is not None else dpo_train_config()  # max_steps/seq_len are filled in below
     model_cfg = load_config(base)
@@ -198,12 +241,15 @@ def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         log=log)
     flat = lambda pairs: [ex for pair in pairs for ex in pair]  # noqa: E731
     data_sha = examples_sha256(flat(train_pairs), flat(val_pairs))
+    cfg = RunConfig(model=model_cfg, train=tc, data=DataConfig(corpus=",".join(map(str, data))), preset="dpo")
+    info, run, cfg, options = open_post_run(
+        "dpo", out_dir, cfg, {"beta": beta, "epochs": epochs, "val_fraction": val_fraction}, resume=resume,
+        data_sha256=data_sha, explicit=explicit, allow_change=allow_change, log=log)
+    tc, beta, device = cfg.train, options["beta"], info.device
 
-    device = loop.pick_device(tc.device)
     ref = reference_logps(base, train_pairs + val_pairs, out_dir / CACHE_FILE, data_sha, tc.micro_batch_size,
-                          tok.pad_id, device, log)
+                          tok.pad_id, device, log, info=info, parallel=tc.parallel)
     ref_train, ref_val = ref[:len(train_pairs)], ref[len(train_pairs):]
-
     B = tc.micro_batch_size
 
     def batches_of(epoch: int) -> list[list[int]]:
@@ -211,30 +257,31 @@ def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         order = torch.randperm(len(train_pairs), generator=gen).tolist()
         return [order[i:i + B] for i in range(0, len(order), B)]
 
-    if tc.max_steps <= 0:
-        if epochs <= 0:
-            raise ValueError("epochs must be positive (or set train.max_steps)")
-        tc.max_steps = max(1, math.ceil(epochs * len(batches_of(0))))
+    def collate(indices: list[int]) -> PairBatch:
+        x, y = collate_pairs([train_pairs[i] for i in indices], tok.pad_id)
+        return PairBatch(x, y, ref_train[indices])
 
-    trainer = PostTrainer("dpo", base, out_dir, tc, resume=resume, data_sha256=data_sha,
-                          data_spec=",".join(map(str, data)), progress=progress, log=log,
-                          meta={"data": [str(d) for d in data], "beta": beta, "reference": str(base.resolve())})
-    model = trainer.model
+    if tc.max_steps <= 0 and options["epochs"] <= 0:
+        raise ConfigError("epochs must be positive (or set train.max_steps)")
+    tc.max_steps = derived_max_steps(run, tc.max_steps, lambda: max(1, math.ceil(
+        options["epochs"] * len(batches_of(0)) / batches_per_step(tc, info.world_size))))
 
-    def train_step(indices: list[int]) -> dict[str, float]:
-        pairs = [train_pairs[i] for i in indices]
-        x, y = collate_pairs(pairs, tok.pad_id)
-        with loop.autocast(device):
-            lp = sequence_logps(model, x.to(device), y.to(device))
-        policy = torch.stack([lp[:len(pairs)], lp[len(pairs):]], dim=1)
-        terms = dpo_terms(policy, ref_train[indices].to(device), beta)
-        terms["loss"].backward()
-        return {**{k: float(v.detach()) for k, v in terms.items()}, "tokens": int((x != tok.pad_id).sum())}
+    def evaluate(model) -> dict[str, float]:
+        if not val_pairs:
+            return {}
+        terms = dpo_terms(dealt_logps(model, val_pairs, B, tok.pad_id, device, info), ref_val, beta)
+        return {f"val_{k}": float(v) for k, v in terms.items()}
 
-    def evaluate() -> dict[str, float]:
-        return preference_metrics(model, val_pairs, ref_val.to(device), beta, B, tok.pad_id, device, prefix="val_")
-
-    summary = trainer.fit(batches_of, train_step, evaluate)
+    model = load_model(base, device=device) if run.start is None else Transformer.build(cfg.model, device=device)
+    stage = Stage("dpo", loss=dpo_loss(beta, tok.pad_id), source=EpochSource(batches_of, collate, info.rank,
+                                                                             info.world_size),
+                  evaluate=evaluate, metric_names=DPO_METRICS, flops_per_token=model.flops_per_token(tc.seq_len))
+    trainer = Trainer(stage, cfg, out_dir, run=run, model=model, tokenizer=tok, info=info, device=device,
+                      parent=str(base.resolve()), data_sha256=data_sha,
+                      meta={"data": [str(d) for d in data], "beta": beta, "reference": str(base.resolve())},
+                      progress=progress, log=log)
+    summary = trainer.fit()
+    shutdown(info)
     summary["beta"] = beta
     summary["reference_cache"] = str(out_dir / CACHE_FILE)
     summary["data"] = {"train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "kept": stats.kept,

@@ -17,8 +17,9 @@ Choices, and why:
   counted (`too_long`), never truncated mid-answer.
 - **Validation loss** on held-out conversations (`--val-data`, or a seeded `--val-fraction` of the data), on
   assistant tokens only, every `train.eval_every` steps.
-- **The same checkpoints and resume as pretraining** (runner.PostTrainer): OUT/ckpt/step-N with trainer_state.json;
-  the epoch order is a pure function of (seed, epoch), so `--resume auto` continues bit for bit.
+- **The one training engine** (train/trainer.py), as pretraining: OUT/ckpt/step-N with trainer_state.json, the
+  same accumulation, clipping and cadence, and torchrun (`--nproc N`); the epoch order is a pure function of
+  (seed, epoch), so `--resume auto` continues bit for bit.
 """
 
 from __future__ import annotations
@@ -34,11 +35,16 @@ from typing import Any
 
 import torch
 
-from kfoundry.config import TrainConfig, from_dict, parse_override, preset
+from kfoundry.checkpoint import load_config, load_model, load_tokenizer
+from kfoundry.config import DataConfig, RunConfig, TrainConfig, from_dict, parse_override, preset
+from kfoundry.errors import ConfigError
+from kfoundry.model.llama import Transformer
 from kfoundry.post.chat_format import render_many
 from kfoundry.post.data import Chat, LoadStats, load_chats, load_split_encode
-from kfoundry.post.runner import PostTrainer
-from kfoundry.train import loop
+from kfoundry.post.runner import batches_per_step, derived_max_steps, open_post_run
+from kfoundry.train.distributed import shutdown
+from kfoundry.train.precision import autocast
+from kfoundry.train.trainer import EpochSource, Stage, StepLoss, Trainer
 
 # SFT starts from the preset's batch shape and device, with optimisation settings suited to fine-tuning: a smaller
 # peak learning rate than pretraining, a short warmup, no weight decay. max_steps=0 means "derive from epochs".
@@ -227,7 +233,7 @@ def validation_loss(model, examples: Sequence[Example], seq_len: int, batch_size
         if max_batches and i >= max_batches:
             break
         batch = collate(rows, pad_id).to(device)
-        with loop.autocast(device):
+        with autocast(device):
             total += float(packed_loss_sum(model, batch))
         count += batch.n_targets
     return {"val_loss": total / count} if count else {}
@@ -248,55 +254,61 @@ def split_chats(chats: Sequence[Chat], val_fraction: float, seed: int) -> tuple[
     return [c for i, c in enumerate(chats) if i not in val], [c for i, c in enumerate(chats) if i in val]
 
 
+def sft_loss(model, batch: PackedBatch) -> StepLoss:
+    """Cross-entropy summed over the assistant targets of a packed batch (the Trainer averages per target)."""
+    return StepLoss(loss=packed_loss_sum(model, batch), count=(batch.y >= 0).sum(),
+                    tokens=(batch.positions >= 0).sum())
+
+
 def sft(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: TrainConfig | None = None, *,
         val_data: Sequence[str | Path] = (), val_fraction: float = 0.05, epochs: float = 3.0,
-        resume: str | None = None, progress: bool = True,
+        resume: str | None = None, progress: bool = True, explicit: bool = True, allow_change: bool = False,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Fine-tune checkpoint `base` on conversations from `data`; checkpoints go to OUT/ckpt/step-N.
 
     tc.max_steps <= 0 means `epochs` passes over the training conversations. Returns a summary with the first and
-    final training loss, the validation loss and the final checkpoint path.
+    final training loss, the validation loss and the final checkpoint path. Under torchrun every rank calls this;
+    each global batch is dealt out to the ranks (trainer.EpochSource).
     """
-    from kfoundry.checkpoint import load_config, load_tokenizer
-
+    base = Path(base)
     tc = copy.deepcopy(tc) if tc is not None else sft_train_config()  # max_steps/seq_len are filled in below
     model_cfg = load_config(base)
     if tc.seq_len > model_cfg.max_seq_len:
         log(f"train.seq_len={tc.seq_len} exceeds the model's context; using {model_cfg.max_seq_len}")
         tc.seq_len = model_cfg.max_seq_len
     tok = load_tokenizer(base)
-
     train_ex, val_ex, stats = load_split_encode(
         data, val_data, load=load_chats, split=split_chats, encode=encode_chats, tok=tok, seq_len=tc.seq_len,
         val_fraction=val_fraction, seed=tc.seed, stage="sft", units=("conversations", "training conversation"),
         log=log)
+    cfg = RunConfig(model=model_cfg, train=tc, data=DataConfig(corpus=",".join(map(str, data))), preset="sft")
+    info, run, cfg, options = open_post_run(
+        "sft", out_dir, cfg, {"epochs": epochs, "val_fraction": val_fraction}, resume=resume,
+        data_sha256=examples_sha256(train_ex, val_ex), explicit=explicit, allow_change=allow_change, log=log)
+    tc = cfg.train
 
     def batches_of(epoch: int) -> list[list[list[Example]]]:
         return epoch_rows(train_ex, epoch, tc.seed, tc.seq_len, tc.micro_batch_size)
 
-    if tc.max_steps <= 0:
-        if epochs <= 0:
-            raise ValueError("epochs must be positive (or set train.max_steps)")
-        tc.max_steps = max(1, math.ceil(epochs * len(batches_of(0))))
+    if tc.max_steps <= 0 and options["epochs"] <= 0:
+        raise ConfigError("epochs must be positive (or set train.max_steps)")
+    tc.max_steps = derived_max_steps(run, tc.max_steps, lambda: max(1, math.ceil(
+        options["epochs"] * len(batches_of(0)) / batches_per_step(tc, info.world_size))))
+    device, pad_id = info.device, tok.pad_id
+    source = EpochSource(batches_of, lambda rows: collate(rows, pad_id), info.rank, info.world_size)
 
-    data_spec = ",".join(map(str, data))
-    trainer = PostTrainer("sft", base, out_dir, tc, resume=resume, data_sha256=examples_sha256(train_ex, val_ex),
-                          data_spec=data_spec, progress=progress, log=log,
-                          meta={"data": [str(d) for d in data], "val_data": [str(d) for d in val_data]})
-    model, device, pad_id = trainer.model, trainer.device, tok.pad_id
-
-    def train_step(rows: list[list[Example]]) -> dict[str, float]:
-        batch = collate(rows, pad_id).to(device)
-        n = batch.n_targets
-        with loop.autocast(device):
-            loss = packed_loss_sum(model, batch) / n
-        loss.backward()
-        return {"loss": float(loss.detach()), "tokens": batch.n_tokens, "targets": n, "rows": len(rows)}
-
-    def evaluate() -> dict[str, float]:
+    def evaluate(model) -> dict[str, float]:  # every rank scores the same held-out batches (FSDP needs equal work)
         return validation_loss(model, val_ex, tc.seq_len, tc.micro_batch_size, pad_id, device, tc.eval_batches)
 
-    summary = trainer.fit(batches_of, train_step, evaluate)
+    model = load_model(base, device=device) if run.start is None else Transformer.build(cfg.model, device=device)
+    stage = Stage("sft", loss=sft_loss, source=source, evaluate=evaluate,
+                  flops_per_token=model.flops_per_token(tc.seq_len))
+    trainer = Trainer(stage, cfg, out_dir, run=run, model=model, tokenizer=tok, info=info, device=device,
+                      parent=str(base.resolve()), data_sha256=examples_sha256(train_ex, val_ex),
+                      meta={"data": [str(d) for d in data], "val_data": [str(d) for d in val_data]},
+                      progress=progress, log=log)
+    summary = trainer.fit()
+    shutdown(info)
     summary["val_loss"] = (summary.get("eval") or {}).get("val_loss")
     summary["data"] = {"train_conversations": len(train_ex), "val_conversations": len(val_ex),
                        "kept": stats.kept, "refused": dict(stats.bad)}

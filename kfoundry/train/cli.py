@@ -15,6 +15,37 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", default=None, help="corpus spec (shortcut for --set data.corpus=SPEC)")
 
 
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default=None,
+                   help="'auto' = newest good checkpoint under OUT/ckpt (a new run if there is none), or a checkpoint "
+                        "path. Without it, an OUT that already holds checkpoints is refused")
+    p.add_argument("--allow-change", action="store_true",
+                   help="on --resume, let the settings given on this command line replace the run's recorded ones "
+                        "(recorded in the ledger and metrics.jsonl); without it a differing setting is refused")
+
+
+def explicit_settings(args) -> bool:
+    """Did the command line name any setting? If not, a resumed run keeps its recorded settings."""
+    return bool(args.preset or args.config or args.overrides or getattr(args, "corpus", None))
+
+
+def prepare_on_rank0(out: Path, needed: list[Path], prepare) -> None:
+    """Run `prepare()` on rank 0 before any process group exists, while the other ranks wait for the files it
+    writes: data preparation may take hours, far past a collective's timeout."""
+    from kfoundry.train.distributed import env_rank, wait_for_files
+
+    failed = out / ".prepare-failed"
+    if env_rank() == 0:
+        failed.unlink(missing_ok=True)
+        try:
+            prepare()
+        except BaseException as e:
+            failed.write_text(f"{type(e).__name__}: {e}", encoding="utf-8")
+            raise
+    else:
+        wait_for_files(needed, failed)
+
+
 def resolve_config(args):
     from kfoundry.config import resolve
 
@@ -28,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain a model (single process; torchrun for many)")
     p.add_argument("--out", required=True, help="run directory")
     add_config_args(p)
-    p.add_argument("--resume", default=None, help="'auto' = newest complete checkpoint under OUT/ckpt, or a path")
+    add_resume_args(p)
     p.add_argument("--init", default=None, help="start from this checkpoint's weights (continued pretraining)")
     p.add_argument("--shards", default=None, help="token shard directory (default: OUT/shards, built if missing)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: OUT/tokenizer, trained if missing)")
@@ -65,7 +96,7 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def _pretrain(args) -> int:
     from kfoundry.pipeline import ensure_shards, ensure_tokenizer
-    from kfoundry.train.distributed import barrier, init_distributed
+    from kfoundry.train.distributed import env_rank
     from kfoundry.train.loop import pretrain
 
     if args.nproc is not None:
@@ -73,18 +104,21 @@ def _pretrain(args) -> int:
     cfg = resolve_config(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = init_distributed(cfg.train.device)  # a no-op outside torchrun
     if not args.tokenizer and args.init:  # continued pretraining keeps the tokenizer of the weights it starts from
         args.tokenizer = str(Path(args.init) / "tokenizer")
-    if info.is_main:  # one process builds what the run needs; the others wait for it
-        tok_dir = Path(args.tokenizer) if args.tokenizer else ensure_tokenizer(out, cfg)
-        if not args.shards:
-            ensure_shards(out, cfg, tok_dir)
-    barrier(info)
     tok_dir = Path(args.tokenizer) if args.tokenizer else out / "tokenizer"
     shard_dir = Path(args.shards) if args.shards else out / "shards"
+
+    def prepare() -> None:
+        if not args.tokenizer:
+            ensure_tokenizer(out, cfg)
+        if not args.shards:
+            ensure_shards(out, cfg, tok_dir)
+
+    prepare_on_rank0(out, [tok_dir / "tokenizer.json", shard_dir / "meta.json"], prepare)
     summary = pretrain(cfg, out, shard_dir=shard_dir, tokenizer_dir=tok_dir, resume=args.resume, init=args.init,
-                       progress=not args.no_progress)
-    if info.is_main:
+                       progress=not args.no_progress, explicit=explicit_settings(args),
+                       allow_change=args.allow_change)
+    if env_rank() == 0:
         print(json.dumps({k: summary[k] for k in ("step", "final_loss", "checkpoint", "tokens_per_sec", "mfu")}))
     return 0

@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from datetime import timedelta
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +53,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
 
 
-def init_distributed(device_pref: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun; otherwise a single-process DistInfo."""
+def init_distributed(device_pref: str = "auto", timeout_minutes: float = 10.0) -> DistInfo:
+    """Join the process group when launched by torchrun; otherwise a single-process DistInfo.
+
+    `timeout_minutes` bounds how long a collective may wait (NCCL's watchdog kills the job after it). Data
+    preparation is done before this is called (`wait_for_files`), so the timeout only has to cover training."""
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if not launched_by_torchrun():
         dev = torch.device("cuda" if use_cuda else ("cpu" if device_pref == "auto" else device_pref))
@@ -63,11 +69,29 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if use_cuda else None,
+                                timeout=timedelta(minutes=timeout_minutes))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=True, device=device, mesh=mesh)
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), readable before any process group exists."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
+def wait_for_files(paths: list[Path], failed_marker: Path, poll_s: float = 2.0, limit_minutes: float = 24 * 60) -> None:
+    """Ranks other than 0 wait here, without a process group (so no collective timeout applies), while rank 0
+    prepares data that may take hours (a tokenizer, shards). Rank 0 writes `failed_marker` if it fails."""
+    deadline = time.monotonic() + limit_minutes * 60
+    while not all(p.exists() for p in paths):
+        if failed_marker.exists():
+            raise RuntimeError(f"rank 0 failed to prepare the run's data: {failed_marker.read_text(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {limit_minutes} min for rank 0 to write {', '.join(map(str, paths))}")
+        time.sleep(poll_s)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -100,10 +124,11 @@ def parallelize(model: nn.Module, info: DistInfo, *, mode: str = "fsdp", activat
         raise ValueError(f"unknown train.parallel={mode!r} (use fsdp or ddp)")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = None
-    if info.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mesh": info.mesh} | ({"mp_policy": mp} if mp else {})
+    # One precision policy everywhere (docs/distributed.md): fp32 weights, bf16 autocast for the matmuls on CUDA
+    # (`trainer.autocast`), fp32 gradient reductions. FSDP therefore gathers fp32 parameters (twice the bytes of
+    # a bf16 gather), and in exchange a sharded run computes exactly what one GPU computes: the residual stream,
+    # norms and RoPE stay fp32 in both.
+    kwargs = {"mesh": info.mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)}
     for i, block in enumerate(layers):
         # the last block's parameters are needed again at once by the backward pass: don't free them after forward
         fully_shard(block, reshard_after_forward=i < len(layers) - 1, **kwargs)
@@ -113,25 +138,21 @@ def parallelize(model: nn.Module, info: DistInfo, *, mode: str = "fsdp", activat
 
 @contextlib.contextmanager
 def no_grad_sync(module: nn.Module, skip: bool):
-    """Skip the gradient all-reduce / reduce-scatter for micro-batches before the last one of a step."""
-    if not skip:
-        yield
-        return
-    if hasattr(module, "no_sync"):  # DDP
+    """DDP only: skip the gradient all-reduce for micro-batches before the last one of a step (DDP holds whole
+    gradients anyway). FSDP2 reduce-scatters after every micro-batch instead, as torchtitan does: skipping it
+    would keep an unsharded fp32 gradient of the whole model on every rank (+3.5 GiB per GPU at 1B parameters)."""
+    if skip and hasattr(module, "no_sync"):
         with module.no_sync():
             yield
-    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            module.set_requires_gradient_sync(True)
     else:
         yield
 
 
 def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum across ranks, in place. `value` must live on the training device: NCCL serves CUDA tensors only."""
     if info.enabled and info.world_size > 1:
+        if value.device.type != info.device.type:
+            raise ValueError(f"collective on a {value.device.type} tensor in a {info.device.type} process group")
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
@@ -140,22 +161,53 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     if not info.enabled or info.world_size == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, device=info.device)
     return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    if not info.enabled or info.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:
     if info.enabled and info.world_size > 1:
-        dist.barrier()
+        dist.barrier(device_ids=[info.device.index] if info.device.type == "cuda" else None)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Global gradient-norm clipping that also works on FSDP2's sharded (DTensor) gradients."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
+def grad_norm(model: nn.Module) -> torch.Tensor:
+    """The global L2 norm of all gradients, on the device, without a host sync; for FSDP2's sharded (DTensor)
+    gradients the partial norms of all shards are reduced (a collective)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=next(model.parameters()).device)
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if hasattr(total, "full_tensor"):  # a DTensor: the partial norms of all shards, reduced
+    if hasattr(total, "full_tensor"):
         total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
+
+
+def scale_grads(model: nn.Module, factor: float) -> None:
+    """Multiply every gradient by `factor` (token normalisation and clipping in one pass)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads and factor != 1.0:
+        torch._foreach_mul_(grads, factor)
+
+
+def prepare_frozen(model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
+    """A frozen model that only runs forward passes (a DPO reference, a distillation teacher): no gradients, eval
+    mode; under torchrun with FSDP it is sharded like the trained model (each block's weights gathered for its
+    forward and freed after), so a teacher larger than one GPU fits; with DDP it is replicated."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    if info.enabled and mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.model.layers:
+            fully_shard(block, mesh=info.mesh)
+        fully_shard(model, mesh=info.mesh)
+    return model

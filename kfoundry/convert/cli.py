@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _upscale(args) -> int:
     from kfoundry.checkpoint import read_meta
-    from kfoundry.model.upscale import upscale_checkpoint
+    from kfoundry.convert.upscale import upscale_checkpoint
 
     out = upscale_checkpoint(args.model, args.out, drop=args.drop, layers=args.layers, overwrite=args.overwrite)
     info = read_meta(out)["upscale"]
@@ -48,7 +48,7 @@ def _upscale(args) -> int:
 
 
 def _import_hf(args) -> int:
-    from kfoundry.model.import_hf import import_hf
+    from kfoundry.convert.import_hf import import_hf
 
     out, note = import_hf(args.model, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     if note:
