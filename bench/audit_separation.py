@@ -39,10 +39,11 @@ from kfoundry.post.merge import merge_states  # noqa: E402
 from kfoundry.provenance import fingerprint_disguise as D  # noqa: E402
 from kfoundry.provenance.audit import (CHANNELS, CIRCUITS, EMBED_ROWS, LIKELY_DERIVED, TOKEN_GEOMETRY,  # noqa: E402
                                        Weights, compare, load_weights)
-from kfoundry.provenance.fingerprint import token_keys  # noqa: E402
+from kfoundry.provenance.fingerprint import spectrum_similarity, token_keys  # noqa: E402
 from kfoundry.tokenizer import train_tokenizer  # noqa: E402
 from kfoundry.train import loop  # noqa: E402
 
+SPECTRA = "spectra (not used)"
 SHOWN = (TOKEN_GEOMETRY, CIRCUITS, CHANNELS)
 
 
@@ -117,8 +118,9 @@ def main() -> None:
 
     rows = []
 
-    def row(kind: str, name: str, c) -> None:
+    def row(kind: str, name: str, c, a: Weights, b: Weights) -> None:
         vals = {f: (c.get(f).observed if c.get(f) else None) for f in SHOWN}
+        vals[SPECTRA] = spectrum_similarity(a.folded(), b.folded())
         thr = {f: (c.get(f).threshold if c.get(f) else None) for f in SHOWN}
         old = any(c.get(f) and c.get(f).passed for f in (CHANNELS, EMBED_ROWS))
         rows.append({"kind": kind, "case": name, "values": vals, "thresholds": thr, "verdict": c.verdict,
@@ -127,32 +129,34 @@ def main() -> None:
 
     t1 = time.time()
     for name, w in derived.items():
-        row("derived", name, compare(w, parent))
+        row("derived", name, compare(w, parent), w, parent)
     for i, x in enumerate(others):
         for j in range(i + 1, len(others)):
-            row("independent", f"seed {i + 1} vs seed {j + 1} (same data)", compare(x, others[j]))
+            row("independent", f"seed {i + 1} vs seed {j + 1} (same data)", compare(x, others[j]), x, others[j])
     for f in fresh:
-        row("independent", f"fresh init {f.label} vs parent", compare(f, parent))
+        row("independent", f"fresh init {f.label} vs parent", compare(f, parent), f, parent)
     audit_s = time.time() - t1
 
     def fmt(v):
         return "—" if v is None else f"{v:.3f}"
 
-    print(f"| case | {' | '.join(SHOWN)} | verdict | before (per-channel only) |")
-    print("|---|" + "---:|" * len(SHOWN) + "---|---|")
+    cols = (*SHOWN, SPECTRA)
+    print(f"| case | {' | '.join(cols)} | verdict | before (per-channel only) |")
+    print("|---|" + "---:|" * len(cols) + "---|---|")
     for r in rows:
-        print(f"| {r['case']} | " + " | ".join(fmt(r["values"][f]) for f in SHOWN) + f" | {r['verdict']} | "
+        print(f"| {r['case']} | " + " | ".join(fmt(r["values"][f]) for f in cols) + f" | {r['verdict']} | "
               f"{r['old_verdict']} |")
     margin = {}
-    for f in SHOWN:
+    for f in cols:
         d = [r["values"][f] for r in rows if r["kind"] == "derived" and r["values"][f] is not None]
         i = [r["values"][f] for r in rows if r["kind"] == "independent" and r["values"][f] is not None]
+        thr = [r["thresholds"][f] for r in rows if r["thresholds"].get(f) is not None]
         margin[f] = {"lowest_derived": min(d), "highest_independent": max(i), "margin": min(d) - max(i),
-                     "highest_threshold": max(r["thresholds"][f] for r in rows if r["thresholds"][f] is not None)}
+                     "highest_threshold": max(thr) if thr else None}
     print("\nseparation (lowest derived - highest independent):")
     for f, m in margin.items():
-        print(f"  {f:<20} {m['lowest_derived']:.3f} - {m['highest_independent']:.3f} = {m['margin']:+.3f}   "
-              f"(highest evidence threshold {m['highest_threshold']:.3f})")
+        shown = f"(highest evidence threshold {m['highest_threshold']:.3f})" if m["highest_threshold"] else ""
+        print(f"  {f:<20} {m['lowest_derived']:.3f} - {m['highest_independent']:.3f} = {m['margin']:+.3f}   {shown}")
     retok_row = next(r for r in rows if r["case"] == "moved onto another tokenizer")
     print(f"another tokenizer: {retok_row['shared_tokens']} shared tokens, "
           f"{retok_row['shared_fraction']['of_model']:.1%} of its vocabulary, "

@@ -277,3 +277,21 @@ def circuit_similarity(fa: Folded, fb: Folded, r: torch.Tensor, p: torch.Tensor 
         b = _unit_traceless(p @ (r @ fb.circuits[c] @ r.T) @ p).flatten(1)
         per[c] = a @ b.T
     return torch.stack(list(per.values())).mean(dim=0), per
+
+
+def spectrum_similarity(fa: Folded, fb: Folded) -> float:
+    """Alignment-free and invariant, but weak (so the audit does not use it; bench/audit_separation.py shows it):
+    per layer, the Pearson correlation of the log singular values of the four circuits, averaged over layers
+    paired by position (the shallower depth). Every trained model's spectra decay alike, so unrelated models
+    score nearly as high as copies."""
+    n = min(len(fa.circuits["qk"]), len(fb.circuits["qk"]))
+    if n == 0 or fa.dim != fb.dim:
+        return float("nan")
+
+    def logs(f: Folded) -> torch.Tensor:
+        s = torch.stack([torch.linalg.svdvals(f.circuits[c][:n]) for c in CIRCUITS], 1).flatten(1)
+        s = s.clamp_min(1e-12).log()
+        return s - s.mean(dim=1, keepdim=True)
+
+    x, y = logs(fa), logs(fb)
+    return float(((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp_min(1e-300)).mean())
