@@ -38,12 +38,13 @@ from kfoundry.pipeline import ensure_shards, ensure_tokenizer  # noqa: E402
 from kfoundry.post.merge import merge_states  # noqa: E402
 from kfoundry.provenance import fingerprint_disguise as D  # noqa: E402
 from kfoundry.provenance.audit import (CHANNELS, CIRCUITS, EMBED_ROWS, LIKELY_DERIVED, TOKEN_GEOMETRY,  # noqa: E402
-                                       Weights, compare, load_weights)
-from kfoundry.provenance.fingerprint import spectrum_similarity, token_keys  # noqa: E402
+                                       Weights, compare, load_weights, shared_tokens)
+from kfoundry.provenance.fingerprint import MAX_TOKENS, gram_correlation, spectrum_similarity, token_keys  # noqa: E402
 from kfoundry.tokenizer import train_tokenizer  # noqa: E402
 from kfoundry.train import loop  # noqa: E402
 
 SPECTRA = "spectra (not used)"
+KEPT = "token geometry, top directions kept (not used)"
 SHOWN = (TOKEN_GEOMETRY, CIRCUITS, CHANNELS)
 
 
@@ -121,6 +122,9 @@ def main() -> None:
     def row(kind: str, name: str, c, a: Weights, b: Weights) -> None:
         vals = {f: (c.get(f).observed if c.get(f) else None) for f in SHOWN}
         vals[SPECTRA] = spectrum_similarity(a.folded(), b.folded())
+        t = shared_tokens(a, b, MAX_TOKENS)  # what token geometry reads without setting the data's directions aside
+        vals[KEPT] = 0.5 * sum(gram_correlation(x[t.rows_a], y[t.rows_b], k=0) for x, y in
+                               ((a.folded().embed, b.folded().embed), (a.folded().head, b.folded().head)))
         thr = {f: (c.get(f).threshold if c.get(f) else None) for f in SHOWN}
         old = any(c.get(f) and c.get(f).passed for f in (CHANNELS, EMBED_ROWS))
         rows.append({"kind": kind, "case": name, "values": vals, "thresholds": thr, "verdict": c.verdict,
@@ -140,7 +144,7 @@ def main() -> None:
     def fmt(v):
         return "—" if v is None else f"{v:.3f}"
 
-    cols = (*SHOWN, SPECTRA)
+    cols = (*SHOWN, SPECTRA, KEPT)
     print(f"| case | {' | '.join(cols)} | verdict | before (per-channel only) |")
     print("|---|" + "---:|" * len(cols) + "---|---|")
     for r in rows:

@@ -118,6 +118,14 @@ def test_each_disguise_keeps_the_function_and_is_still_derived(models, parent, n
         assert not c.get(CHANNELS).passed and not c.get(EMBED_ROWS).passed, name
 
 
+def test_a_global_scale_of_the_residual_stream_changes_no_invariant_fingerprint(parent):
+    """RMSNorm divides a global scale out (up to its eps, so the logits are not checked): both invariant
+    fingerprints read exactly 1 against the parent, on top of a rotation."""
+    state = D.scale_residual(D.rotate_residual(parent.state, gen(8)), 7.5)
+    c = compare(derived(parent, state, "scaled"), parent, seeds=2)
+    assert all(abs(c.get(f).observed - 1) < 1e-6 for f in INVARIANT), [c.get(f) for f in INVARIANT]
+
+
 def test_the_old_audit_was_fooled_by_a_permutation(models, parent):
     """The issue's reproduction: a residual permutation made the per-channel fingerprints read 'independent'."""
     c = compare(derived(parent, D.permute_residual(parent.state, gen(9)), "perm"), parent)

@@ -709,8 +709,11 @@ def audit(model: str | Path, against: list[str | Path], *, out_dir: str | Path |
                "tests/test_provenance_audit.py; measured robustness to training, merging and noise is in "
                "docs/provenance.md):", ""]
         md += [f"- **{name}**: {', '.join(inv) if inv else 'nothing (shown only)'}" for name, inv in INVARIANT_TO.items()]
+        code = code_version()
+        state = {True: "with uncommitted changes", False: "clean", None: "state unknown"}[code["git_dirty"]]
         md += ["", "## Reproduce", "", "```bash", command, "```", "",
-               f"kfoundry {code_version()}; weight files (sha256):", ""]
+               f"kfoundry {code['kfoundry']}, git commit {code['git_commit'] or 'unknown'} ({state}); "
+               "weight files (sha256):", ""]
         md += [f"- `{p}`: " + ", ".join(f"{f} `{h}`" for f, h in hs.items()) for p, hs in hashes.items()]
         md.append("")
         for c in results:

@@ -126,6 +126,21 @@ def rescale_norms(state: dict[str, torch.Tensor], gen: torch.Generator, spread: 
     return s
 
 
+def scale_residual(state: dict[str, torch.Tensor], factor: float) -> dict[str, torch.Tensor]:
+    """Scale the whole residual stream: embeddings and every writer times `factor`. RMSNorm divides it out again
+    (exactly, up to its eps: with eps > 0 the logits move slightly, so this one is function-preserving only in
+    the limit of a small eps)."""
+    s = untied(state)
+    s["model.embed_tokens.weight"] = s["model.embed_tokens.weight"] * factor
+
+    def layer(p: str) -> None:
+        for n in WRITES_RESIDUAL:
+            s[p + n] = s[p + n] * factor
+
+    _each_layer(s, layer)
+    return s
+
+
 # ------------------------------------------------------------------------------------------------ inside blocks
 
 
