@@ -320,11 +320,6 @@ def shared_tokens(a: Weights, b: Weights, limit: int | None = None) -> SharedTok
     return SharedTokens([], [], ea.shape[0], eb.shape[0], "none")
 
 
-def shared_token_rows(a: Weights, b: Weights) -> tuple[list[int], list[int]]:
-    s = shared_tokens(a, b)
-    return s.rows_a, s.rows_b
-
-
 def _row_cosine(x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean cosine of matching rows, after removing each matrix's mean row (a direction every token shares)."""
     x, y = x.double(), y.double()
@@ -708,7 +703,8 @@ def audit(model: str | Path, against: list[str | Path], *, out_dir: str | Path |
         md += ["", "Invariances claimed (by construction; each is disguised and re-audited in "
                "tests/test_provenance_audit.py; measured robustness to training, merging and noise is in "
                "docs/provenance.md):", ""]
-        md += [f"- **{name}**: {', '.join(inv) if inv else 'nothing (shown only)'}" for name, inv in INVARIANT_TO.items()]
+        md += [f"- **{name}**: {', '.join(inv) if inv else 'nothing (shown only)'}"
+               for name, inv in INVARIANT_TO.items()]
         code = code_version()
         state = {True: "with uncommitted changes", False: "clean", None: "state unknown"}[code["git_dirty"]]
         md += ["", "## Reproduce", "", "```bash", command, "```", "",

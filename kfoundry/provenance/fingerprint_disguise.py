@@ -211,7 +211,7 @@ def permute_heads(state: dict[str, torch.Tensor], n_heads: int, n_kv_heads: int,
     return s
 
 
-# ------------------------------------------------------------------------------------------------ not function-preserving
+# ------------------------------------------------------------------------------------------ not function-preserving
 
 
 def add_noise(state: dict[str, torch.Tensor], gen: torch.Generator, relative: float = 0.05
