@@ -5,6 +5,9 @@
                 record_export (one line each, where the artefact is made)
     verify.py   `kfoundry provenance verify`: the chain, every recorded file, the initialisation, the lineage
     audit.py    `kfoundry provenance audit`: weight fingerprints against a chance baseline, layer pairing
+    fingerprint.py           fingerprints no function-preserving reparametrization can move (token geometry,
+                             aligned circuits) and the token matching by text
+    fingerprint_disguise.py  those reparametrizations themselves, to check the claim on any model
     card.py     the model card (README.md, English and Korean) that `export hf` writes
     report.py   the speedrun's provenance section
 

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--against", required=True, nargs="+", metavar="MODEL", help="one or more models to compare with")
     a.add_argument("--out", default="provenance-audit", help="folder for audit.json, audit.md and the plots")
     a.add_argument("--seeds", type=int, default=4, help="independently initialised models per side for chance")
+    a.add_argument("--seed", type=int, default=0, help="random seed of the chance baseline (the report is "
+                                                       "reproducible from it)")
+    a.add_argument("--reference", nargs="+", default=[], metavar="MODEL",
+                   help="models trained independently of all the others (ideally on similar data): their "
+                        "similarity to each side joins the chance baseline")
     a.add_argument("--json", action="store_true", help="print the comparisons as JSON")
     a.set_defaults(func=_audit)
 
@@ -37,7 +42,8 @@ def _verify(args) -> int:
 def _audit(args) -> int:
     from kfoundry.provenance.audit import audit, format_comparison
 
-    results = audit(args.model, args.against, out_dir=args.out, seeds=args.seeds)
+    results = audit(args.model, args.against, out_dir=args.out, seeds=args.seeds, seed=args.seed,
+                    references=args.reference)
     if args.json:
         print(json.dumps([c.to_dict() for c in results], indent=2, ensure_ascii=False))
     else:
