@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kfoundry.corpus import CorpusError, iter_documents
 from kfoundry.corpus.prepared import DONE_FILE
-from kfoundry.data.curate import prepare
+from kfoundry.data.curate import load_recipe, prepare
 from kfoundry.data.curate.decontam import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +63,7 @@ def read_curated(out: Path) -> list[dict]:
 # Issue 17 item 7 + 13: SIGKILL in the middle, the half-written output refused, then resumed
 
 
+@pytest.mark.slow
 def test_sigkilled_prepare_is_refused_as_a_corpus_then_resumes(tmp_path):
     src = write_corpus(tmp_path / "src", 400)
     out = tmp_path / "out"
@@ -119,8 +121,10 @@ def test_sigkilled_prepare_is_refused_as_a_corpus_then_resumes(tmp_path):
 def test_missing_decontamination_sets_fail_unless_no_decontam(tmp_path):
     src = write_corpus(tmp_path / "src", 20)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"name: missing-sets\nbase: clean\ndecontaminate:\n  sets: ['{tmp_path / 'no-such-eval'}']\n",
-                      encoding="utf-8")
+    data = load_recipe("clean").to_dict()  # the clean recipe, with an evaluation set that is not there
+    data["name"] = "missing-sets"
+    data["decontaminate"]["sets"] = [str(tmp_path / "no-such-eval")]
+    recipe.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     with pytest.raises(FileNotFoundError, match="no-such-eval.*--no-decontam"):
         prepare(str(src), tmp_path / "out", recipe=str(recipe), shards=False)
     assert not (tmp_path / "out" / "data_card.json").exists()
@@ -135,6 +139,7 @@ def test_missing_decontamination_sets_fail_unless_no_decontam(tmp_path):
 # Issue 19 part 5: decontamination from lm-eval tasks
 
 
+@pytest.mark.slow
 def test_decontamination_index_from_lm_eval_tasks(tmp_path, shared_data):
     kobest = shared_data / "eval" / "kobest"
     report = build_index([f"lm-eval:kobest_boolq,kobest_copa@{kobest}"], tmp_path / "index", n_grams=13,
@@ -165,6 +170,7 @@ def test_decontamination_index_from_lm_eval_tasks(tmp_path, shared_data):
     assert "13-word n-grams" in md and "(kobest_boolq): shared 13-gram" in md and example["ngram"] in md
 
 
+@pytest.mark.slow
 def test_lm_eval_hub_task_needs_its_cached_data(tmp_path):
     """kmmlu is read from the Hugging Face cache; offline without it, one line says so (with it, it indexes)."""
     try:
@@ -190,9 +196,13 @@ def test_prepare_on_a_real_local_ray_cluster_matches_local(tmp_path):
     src = write_corpus(tmp_path / "src", 120, extra=["The quick brown fox 😀 jumps over 12 lazy dogs."] * 3)
     common = ["--corpus", str(src), "--recipe", "clean", "--tasks", "2", "--workers", "2", "--no-decontam",
               "--vocab-size", "300"]
-    local = subprocess.run(cli("prepare", "--out", str(tmp_path / "local"), *common), cwd=ROOT, env=env(),
+    # Both runs write to the same path (the local one is moved aside after), because document ids, and so the
+    # train/validation split of the shards, name the curated files by their path.
+    run = tmp_path / "run"
+    local = subprocess.run(cli("prepare", "--out", str(run), *common), cwd=ROOT, env=env(),
                            capture_output=True, text=True, timeout=300)
     assert local.returncode == 0, local.stderr[-2000:]
+    run.rename(tmp_path / "local")
 
     ray_env = {**env(), "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -203,7 +213,7 @@ def test_prepare_on_a_real_local_ray_cluster_matches_local(tmp_path):
                            env=ray_env, capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
-        on_ray = subprocess.run(cli("prepare", "--out", str(tmp_path / "ray"), *common, "--executor", "ray",
+        on_ray = subprocess.run(cli("prepare", "--out", str(run), *common, "--executor", "ray",
                                     "--executor-opt", "mem_per_cpu_gb=0.25"),
                                 cwd=ROOT, env={**ray_env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
                                 capture_output=True, text=True, timeout=480)
@@ -213,15 +223,19 @@ def test_prepare_on_a_real_local_ray_cluster_matches_local(tmp_path):
         subprocess.run([ray_bin, "stop", "--force"], env=ray_env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
     a = json.loads((tmp_path / "local" / "data_card.json").read_text(encoding="utf-8"))
-    b = json.loads((tmp_path / "ray" / "data_card.json").read_text(encoding="utf-8"))
+    b = json.loads((run / "data_card.json").read_text(encoding="utf-8"))
     assert b["executor"] == "ray" and a["executor"] == "local"
-    assert comparable(a) | {"outputs": None} == comparable(b) | {"outputs": None}
-    assert read_curated(tmp_path / "local") == read_curated(tmp_path / "ray")
-    for name in ("meta.json",):
-        assert (tmp_path / "local" / "shards" / name).read_bytes() == (tmp_path / "ray" / "shards" / name).read_bytes()
-    assert (tmp_path / "ray" / DONE_FILE).is_file()
+    assert comparable(a) == comparable(b)
+    assert read_curated(tmp_path / "local") == read_curated(run)
+    shards = sorted(p.name for p in (run / "shards").iterdir())
+    assert "train-00000.bin" in shards and shards == sorted(p.name for p in (tmp_path / "local" / "shards").iterdir())
+    for name in shards:  # the token shards too, byte for byte
+        assert (tmp_path / "local" / "shards" / name).read_bytes() == (run / "shards" / name).read_bytes(), name
+    assert (run / DONE_FILE).is_file()
     for stage in ("ingest", "filter", "final", "finalize", "encode", "shards"):  # each stage ran as Ray tasks
-        assert (tmp_path / "ray" / "logs" / stage / "stats.json").is_file()
+        assert (run / "logs" / stage / "stats.json").is_file()
+        ran = json.loads((run / "logs" / stage / "executor.json").read_text(encoding="utf-8"))
+        assert ran["mem_per_cpu_gb"] == 0.25 and ran["cpus_per_task"] == 1  # datatrove's RayPipelineExecutor
 
 
 SBATCH = """#!/bin/sh

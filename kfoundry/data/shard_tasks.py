@@ -51,6 +51,12 @@ BLOCK_DOCS = 4096  # documents per unit in stream mode: small enough to spread, 
 WORK_SETTINGS = "shard_settings.json"
 
 
+def gated_off(gate: str | None) -> bool:
+    """True when `gate` names a JSON file whose "shards" is false: `data prepare` decided in its finalize
+    stage (curated.done.json) that there is nothing to shard, after the stages were already planned."""
+    return gate is not None and not read_json(gate).get("shards", True)
+
+
 def plan_files(spec: str, world_size: int) -> list[tuple[str, int]] | None:
     """The SPEC's files when it is cut by file (see the module docstring), else None (stream mode)."""
     from kfoundry.corpus import file_specs
@@ -77,8 +83,10 @@ class EncodeShards(PipelineStep):
     name = "🔢 encode shards"
 
     def __init__(self, spec: str, tokenizer_dir: str | Path, parts_dir: str | Path, *, val_fraction: float,
-                 seed: int = 0, max_chars_per_doc: int | None = None, block_docs: int = BLOCK_DOCS):
+                 seed: int = 0, max_chars_per_doc: int | None = None, block_docs: int = BLOCK_DOCS,
+                 gate: str | Path | None = None):
         super().__init__()
+        self.gate = str(gate) if gate else None
         self.spec, self.tokenizer_dir, self.parts_dir = spec, str(tokenizer_dir), str(parts_dir)
         self.val_fraction, self.seed, self.max_chars, self.block_docs = val_fraction, seed, max_chars_per_doc, block_docs
 
@@ -86,6 +94,8 @@ class EncodeShards(PipelineStep):
         from kfoundry.corpus import CorpusStats, iter_documents
         from kfoundry.tokenizer import KTokenizer
 
+        if gated_off(self.gate):
+            return
         tok = KTokenizer.load(self.tokenizer_dir)
         parts = Path(self.parts_dir)
         parts.mkdir(parents=True, exist_ok=True)
@@ -137,8 +147,9 @@ class MergeShards(PipelineStep):
 
     def __init__(self, spec: str, tokenizer_dir: str | Path, parts_dir: str | Path, out_dir: str | Path, *,
                  encode_tasks: int, val_fraction: float, seed: int = 0, shard_tokens: int = 1 << 24,
-                 config: dict[str, Any] | None = None, overwrite: bool = False):
+                 config: dict[str, Any] | None = None, overwrite: bool = False, gate: str | Path | None = None):
         super().__init__()
+        self.gate = str(gate) if gate else None
         self.spec, self.tokenizer_dir, self.parts_dir, self.out_dir = spec, str(tokenizer_dir), str(parts_dir), str(out_dir)
         self.encode_tasks, self.val_fraction, self.seed, self.shard_tokens = encode_tasks, val_fraction, seed, shard_tokens
         self.config, self.overwrite = config, overwrite
@@ -148,6 +159,8 @@ class MergeShards(PipelineStep):
 
         from kfoundry.corpus import CorpusStats, iter_documents
 
+        if gated_off(self.gate):
+            return
         tok = KTokenizer.load(self.tokenizer_dir)
         units = expected_units(self.spec, self.parts_dir, self.encode_tasks)
         whole = CorpusStats()
@@ -161,15 +174,17 @@ class MergeShards(PipelineStep):
 
 def shard_stages(spec: str, tokenizer_dir: str | Path, work_dir: Path, out_dir: str | Path, *, tasks: int,
                  val_fraction: float, seed: int, shard_tokens: int, max_chars_per_doc: int | None = None,
-                 block_docs: int = BLOCK_DOCS, config: dict[str, Any] | None = None, overwrite: bool = False):
-    """The `encode` and `shards` stages (kfoundry.data.curate.stages.Stage) for a plan."""
+                 block_docs: int = BLOCK_DOCS, config: dict[str, Any] | None = None, overwrite: bool = False,
+                 gate: str | Path | None = None):
+    """The `encode` and `shards` stages (kfoundry.data.curate.stages.Stage) for a plan; with `gate`, they do
+    nothing when that JSON file says `"shards": false`."""
     from kfoundry.data.curate.stages import Stage
 
     parts = work_dir / "parts"
     encode = EncodeShards(spec, tokenizer_dir, parts, val_fraction=val_fraction, seed=seed,
-                          max_chars_per_doc=max_chars_per_doc, block_docs=block_docs)
+                          max_chars_per_doc=max_chars_per_doc, block_docs=block_docs, gate=gate)
     merge = MergeShards(spec, tokenizer_dir, parts, out_dir, encode_tasks=tasks, val_fraction=val_fraction,
-                        seed=seed, shard_tokens=shard_tokens, config=config, overwrite=overwrite)
+                        seed=seed, shard_tokens=shard_tokens, config=config, overwrite=overwrite, gate=gate)
     return [Stage("encode", tasks, [encode]), Stage("shards", 1, [merge])]
 
 

@@ -146,7 +146,7 @@ def lm_eval_tasks(source: str) -> list[tuple[str, Iterator[str]]]:
     """(lm-eval task name, its evaluated documents' strings) for every task an `lm-eval:` source names."""
     import logging
 
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     names, task_dir = parse_lm_eval(source)
     pack_names = {m for p in PACK_DIR.rglob("*.yaml") for m in _PACK_NAME.findall(p.read_text(encoding="utf-8"))}
@@ -161,23 +161,15 @@ def lm_eval_tasks(source: str) -> list[tuple[str, Iterator[str]]]:
     out: list[tuple[str, Iterator[str]]] = []
     for name in names:
         try:
-            tasks = get_task_dict([name], manager)
+            tasks = manager.load([name])["tasks"]  # flat {task name: Task}: groups expand to their tasks
         except Exception as e:  # datasets raises many kinds when offline and uncached
+            first = str(e).splitlines()[0] if str(e) else ""
             raise FileNotFoundError(f"{source}: could not load the data of lm-eval task {name!r} "
-                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                                    "hub tasks need their dataset in the Hugging Face cache") from None
-        for task_name, task in _flatten(tasks):
-            docs = task.eval_docs
-            out.append((task_name, (text for doc in docs for text in _doc_strings(doc))))
+                                    f"({type(e).__name__}: {first}); hub tasks need their dataset in the "
+                                    "Hugging Face cache") from None
+        for task_name, task in sorted(tasks.items()):
+            out.append((task_name, (text for doc in task.eval_docs for text in _doc_strings(doc))))
     return out
-
-
-def _flatten(tasks) -> Iterator[tuple[str, object]]:
-    for key, value in tasks.items():
-        if isinstance(value, dict):
-            yield from _flatten(value)
-        elif value is not None:
-            yield (value.config.task if getattr(value, "config", None) else str(key)), value
 
 
 def _source_items(source: str | Path) -> list[tuple[str, str, Iterator[str]]]:

@@ -157,10 +157,12 @@ def ensure_tokenizer(out: Path, settings: dict[str, Any]) -> Path:
     return tok_dir
 
 
-def write_done_marker(out: Path, docs: int) -> None:
-    """`curated.done.json`: the curated files and their sizes; from now on the folder is a corpus."""
+def write_done_marker(out: Path, docs: int, shards: bool) -> None:
+    """`curated.done.json`: the curated files and their sizes; from now on the folder is a corpus. `shards`
+    tells the encode and merge stages whether there is anything to shard."""
     files = {f"{CURATED_DIR}/{f.name}": f.stat().st_size for f in sorted((out / CURATED_DIR).glob("*.jsonl.gz"))}
-    atomic_write_json(out / DONE_FILE, {"format": "kfoundry.prepare.done", "docs": docs, "files": files})
+    atomic_write_json(out / DONE_FILE, {"format": "kfoundry.prepare.done", "docs": docs, "files": files,
+                                        "shards": shards})
 
 
 def finalize(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +175,7 @@ def finalize(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     write_card(out, card)
     if not card["identity"]["ok"]:
         raise AccountingError("accounting identity broken: " + "; ".join(card["identity"]["failures"]))
-    write_done_marker(out, card["totals"]["docs_curated"])
+    write_done_marker(out, card["totals"]["docs_curated"], will_shard)
     if will_shard:
         ensure_tokenizer(out, settings)
     return card

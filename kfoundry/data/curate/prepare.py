@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kfoundry.corpus.prepared import CURATED_DIR, SETTINGS_FILE
+from kfoundry.corpus.prepared import CURATED_DIR, DONE_FILE, SETTINGS_FILE
 from kfoundry.data.curate.recipe import Recipe, load_recipe, resolve_set
 from kfoundry.fileio import atomic_write_json, read_json
 
@@ -197,7 +197,8 @@ def prepare(
             plan.stages += shard_stages(str(out / CURATED_DIR), tokenizer_dir(out, settings), out / "encode",
                                         out / "shards", tasks=tasks, val_fraction=settings["val_fraction"],
                                         seed=seed, shard_tokens=SHARD_TOKENS, overwrite=True,
-                                        config={"command": "data prepare", "corpus": str(out / CURATED_DIR)})
+                                        config={"command": "data prepare", "corpus": str(out / CURATED_DIR)},
+                                        gate=out / DONE_FILE)
         settings["steps"] = plan.steps  # the same dict the finalize step holds
         atomic_write_json(out / SETTINGS_FILE, settings)
         return plan, make_executors(plan, executor, workers, executor_options)
