@@ -134,6 +134,16 @@ def test_missing_decontamination_sets_fail_unless_no_decontam(tmp_path):
     card = prepare(str(src), tmp_path / "out", recipe=str(recipe), decontam=[], shards=False)
     assert card["decontamination"] == {"enabled": False, "note": "decontamination off (--no-decontam)"}
 
+    # a run finished by a kfoundry that wrote no completion marker: refused as a corpus until the same command
+    # is run again, which finds it complete and writes the marker
+    out = tmp_path / "out"
+    (out / DONE_FILE).unlink()
+    with pytest.raises(CorpusError, match="unfinished"):
+        iter_documents(str(out))
+    again = prepare(str(src), out, recipe=str(recipe), decontam=[], shards=False)
+    assert again["totals"] == card["totals"] and (out / DONE_FILE).is_file()
+    assert len(list(iter_documents(str(out)))) == card["totals"]["docs_curated"] == 20
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Issue 19 part 5: decontamination from lm-eval tasks

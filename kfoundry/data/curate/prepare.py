@@ -40,6 +40,22 @@ SHARD_TOKENS = 1 << 24  # tokens per shard file, as `kfoundry data shard` writes
 _RUN_ONLY = ("executor", "workers", "steps", "decontam_note")
 
 
+def _backfill_marker(out: Path, shards: bool) -> None:
+    """A run finished by a kfoundry that wrote no completion marker: its finalize stage completed and its card
+    says the identity holds, so the marker it would have written is written now."""
+    from kfoundry.data.curate.finalize import write_done_marker
+
+    card_path = out / "data_card.json"
+    if (out / DONE_FILE).is_file() or not card_path.is_file():
+        return
+    if not (out / "logs" / "finalize" / "completions" / "00000").is_file():
+        return
+    card = read_json(card_path)
+    if card.get("identity", {}).get("ok"):
+        docs = card["totals"]["docs_curated"]
+        write_done_marker(out, docs, shards and docs > 0)
+
+
 def _last_stage(shards: bool) -> str:
     return "shards" if shards else "finalize"
 
@@ -172,7 +188,9 @@ def prepare(
                              "another --out or pass --overwrite")
         if not same:
             shutil.rmtree(out)
-        elif (out / "data_card.json").is_file() and (out / "logs" / _last_stage(shards) / "completions" / "00000").is_file():
+        else:
+            _backfill_marker(out, shards)
+        if same and (out / "data_card.json").is_file() and (out / "logs" / _last_stage(shards) / "completions" / "00000").is_file():
             log(f"[data prepare] {out} is already complete; nothing to do")
             return read_json(out / "data_card.json")
     elif out.exists() and any(out.iterdir()):
