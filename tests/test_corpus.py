@@ -114,14 +114,12 @@ def test_txt_files_in_a_folder_are_one_document_each(tmp_path, mixed_texts):
     for i, text in enumerate(mixed_texts):
         (folder / f"{i}.txt").write_text(text + "\r\n", encoding="utf-8")
     (folder / "sub" / "z.txt").write_bytes(b"\xef\xbb\xbf" + "BOM 뒤의 한국어 문장".encode())  # BOM is stripped
-    (folder / "bad.txt").write_bytes(BAD_UTF8)
     (folder / "README.md").write_text("# not a corpus file")
     (folder / ".hidden.txt").write_text("never read")
     docs, stats = read_all(str(folder))
     assert_clean(docs)
     assert_accounted(stats)
-    assert stats.dropped == Counter({"empty": 1, "invalid_utf8": 1})
-    assert stats.examples["invalid_utf8"] == [f"{folder}/bad.txt#1"]
+    assert stats.dropped == Counter({"empty": 1})  # a .txt that is not UTF-8 is an error (test below)
     assert stats.notes == [f"skipped unsupported files in {str(folder)!r}: 1 .md"]  # reported, not silent
     # sorted, recursive; text as written minus the trailing newline, CRLF folded, NFD composed
     names = [Path(d.source).relative_to(folder).as_posix() for d in docs]
@@ -137,6 +135,7 @@ def test_txt_files_in_a_folder_are_one_document_each(tmp_path, mixed_texts):
 
 def test_large_txt_is_split_on_blank_lines(tmp_path, monkeypatch, mixed_texts):
     monkeypatch.setattr(corpus_files, "TXT_SPLIT_BYTES", 64)
+    monkeypatch.setattr(corpus_files, "_SNIFF_BYTES", 16)  # the start is text; a later bad paragraph is counted
     path = tmp_path / "big.txt"
     body = b"\n\n\n".join(t.encode() for t in mixed_texts[:5]) + b"\n\n" + BAD_UTF8 + "\n\nlast 마지막\nline 줄\n".encode()
     path.write_bytes(body)
@@ -175,15 +174,67 @@ def test_jsonl_field_option_and_truncation(tmp_path):
     assert stats.changed["truncated"] == 1 and stats.yielded == 2
 
 
-def test_truncated_gzip_keeps_what_was_read(tmp_path):
+def test_truncated_gzip_is_an_error_unless_kept(tmp_path):
+    """A half-copied .jsonl.gz must not pass for a smaller corpus (it used to yield a prefix and exit 0)."""
     path = tmp_path / "cut.jsonl.gz"
-    lines = [json.dumps({"text": f"문서 {i} document"}, ensure_ascii=False).encode() for i in range(2000)]
+    lines = [json.dumps({"text": f"문서 {i} document 😀"}, ensure_ascii=False).encode() for i in range(2000)]
     blob = gzip.compress(b"\n".join(lines))
     path.write_bytes(blob[: len(blob) // 2])
-    docs, stats = read_all(str(path))
+    with pytest.raises(CorpusError, match=r"cut\.jsonl\.gz is truncated or corrupt .*'#truncated=keep'") as e:
+        read_all(str(path))
+    assert "\n" not in str(e.value)
+    with pytest.raises(CorpusError, match="truncated or corrupt"):  # inside a folder too
+        read_all(str(tmp_path))
+    docs, stats = read_all(f"{path}#truncated=keep")  # the user's explicit choice: keep what was read
     assert 0 < len(docs) < 2000
     assert stats.dropped == Counter({"unreadable_file": 1})
     assert_accounted(stats)
+    docs, _ = read_all(f"{path}#field=text#truncated=keep")  # options combine
+    assert 0 < len(docs) < 2000
+    with pytest.raises(CorpusError, match="only value"):
+        read_all(f"{path}#truncated=yes")
+
+
+def test_binary_txt_is_reported_as_not_utf8(tmp_path, monkeypatch):
+    png = tmp_path / "photo.txt"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    with pytest.raises(CorpusError, match=r"photo\.txt is not UTF-8 text"):
+        read_all(str(png))
+    cp949 = tmp_path / "euckr.txt"
+    cp949.write_bytes("오늘 본 영화는 정말 재미있었다".encode("cp949"))
+    with pytest.raises(CorpusError, match="not UTF-8 text .*iconv"):
+        read_all(str(cp949))
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes("한글 text 😀".encode() + b"\x00\x00")  # valid UTF-8 but a NUL: not a text file
+    with pytest.raises(CorpusError, match="not UTF-8 text"):
+        read_all(str(nul))
+    # a large file is sniffed at its start; a multi-byte character cut at the sniff boundary is fine
+    monkeypatch.setattr(corpus_files, "TXT_SPLIT_BYTES", 10)
+    monkeypatch.setattr(corpus_files, "_SNIFF_BYTES", 7)
+    big = tmp_path / "big.txt"
+    big.write_text("한글한글\n\nNFD \u1112\u1161\u11ab 😀\n", encoding="utf-8")
+    docs, _ = read_all(str(big))
+    assert [d.text for d in docs] == ["한글한글", "NFD 한 😀"]
+    monkeypatch.setattr(corpus_files, "_SNIFF_BYTES", 1 << 16)
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        read_all(str(png))
+
+
+def test_broken_jsonl_lines_are_counted_on_the_console(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    write_jsonl_lines(path, JSONL_LINES)
+    docs, stats = read_all(str(path))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    dropped = sum(JSONL_DROPS.values())
+    assert err[0].startswith(f"[corpus] {path}: {dropped} of {dropped + len(docs)} records dropped (")
+    assert "malformed_json=1" in err[0] and "invalid_utf8=1" in err[0] and f"first at {path}#" in err[0]
+    read_all(str(path), max_chars_per_doc=10 ** 6)
+    capsys.readouterr()
+    clean = tmp_path / "clean.jsonl"
+    write_jsonl_lines(clean, JSONL_LINES[:3])
+    read_all(str(clean))
+    assert capsys.readouterr().err == ""  # nothing dropped, nothing said
 
 
 # --- CSV ----------------------------------------------------------------------------------------------
@@ -245,7 +296,9 @@ def test_parquet_rows_and_bad_files(tmp_path):
 
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not really parquet")
-    docs, stats = read_all(str(bad))
+    with pytest.raises(CorpusError, match="bad.parquet is truncated or corrupt"):
+        read_all(str(bad))
+    docs, stats = read_all(f"{bad}#truncated=keep")
     assert docs == [] and stats.dropped == Counter({"unreadable_file": 1})
     assert_accounted(stats)
 

@@ -26,7 +26,6 @@ import pytest
 
 from kfoundry.data.curate import prepare
 from kfoundry.data.curate.accounting import check_identity
-from kfoundry.data.curate.pii import RedactPII
 
 ROOT = Path(__file__).resolve().parents[1]
 N_DISTINCT, REVIEWS_PER_DOC, N_COPIES, N_EXACT = 240, 30, 80, 10
@@ -224,51 +223,8 @@ def test_finished_run_is_not_redone(planted):
 # Resume after a failure, and the command line
 
 
-WORDS = ("배우들의 연기가 음악이 감독의 연출이 결말이 장면마다 대사가 분위기가 영상미가 좋았고 지루했고 놀라웠고 "
-         "슬펐고 웃겼고 무서웠고 따뜻했고 아쉬웠고 다시 보고 싶다 추천한다 별로다 최고다 그저 그렇다").split()
-
-
-def small_corpus(path: Path, mixed_texts: list[str]) -> Path:
-    path.mkdir(parents=True)
-    rng = random.Random(3)
-    lines = [{"text": t} for t in mixed_texts]
-    lines += [{"text": f"{i}번째 리뷰: {' '.join(rng.sample(WORDS, 10))} 연락처는 010-1234-{1000 + i}입니다."}
-              for i in range(40)]
-    (path / "a.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n", encoding="utf-8")
-    return path
-
-
-def test_killed_run_resumes(tmp_path, monkeypatch, mixed_texts):
-    src = small_corpus(tmp_path / "src", mixed_texts)
-    out = tmp_path / "out"
-
-    def broken(self, data, rank=0, world_size=1):
-        raise RuntimeError("simulated crash")
-        yield  # pragma: no cover
-
-    monkeypatch.setattr(RedactPII, "run", broken)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        prepare(str(src), out, recipe="clean", tasks=2, decontam=[], shards=False)
-    monkeypatch.undo()
-    assert len(list((out / "logs" / "filter" / "completions").iterdir())) == 2
-    assert not (out / "logs" / "final" / "completions").exists() or len(
-        list((out / "logs" / "final" / "completions").iterdir())) < 2
-    stamp = (out / "logs" / "filter" / "stats.json").stat().st_mtime_ns
-
-    # resume through the command line: finished stages are skipped, the rest runs, the identity holds
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "kfoundry", "data", "prepare", "--corpus", str(src), "--out",
-                           str(out), "--recipe", "clean", "--tasks", "2", "--no-decontam", "--no-shards"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "accounting identity holds" in proc.stdout
-    assert (out / "logs" / "filter" / "stats.json").stat().st_mtime_ns == stamp
-    card = json.loads((out / "data_card.json").read_text(encoding="utf-8"))
-    assert card["identity"]["ok"]
-    assert card["totals"]["docs_read"] == len(mixed_texts) + 40
-    assert card["pii"]["phone"] == 40  # each phone number replaced exactly once
-    curated = read_jsonl_gz(out / "curated")
-    assert len(curated) == card["totals"]["docs_curated"] and all("010-1234" not in r["text"] for r in curated)
+# The kill-and-resume test (SIGKILL of a real `kfoundry data prepare` process, then the half-written output
+# refused as a corpus and resumed) is tests/test_curate_scale.py::test_sigkilled_prepare_is_refused_as_a_corpus_then_resumes.
 
 
 def test_corpus_of_only_bad_records(tmp_path):

@@ -395,3 +395,86 @@ def test_cli_missing_inputs_exit_2(tmp_path: Path, tok_dir: Path, capsys: pytest
     assert "nope.jsonl" in capsys.readouterr().err
     rc = main(["data", "shard", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "no-tok"), "--out", str(out)])
     assert rc == 2 and "no-tok" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sharding as datatrove tasks (kfoundry.data.shard_tasks): the same files whatever the task count
+
+
+def shard_files(path: Path) -> dict[str, bytes]:
+    """Every file of a shard directory but run_config.json (which records the task count)."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != "run_config.json"}
+
+
+def write_corpus_files(folder: Path, n_files: int, docs_per_file: int) -> None:
+    folder.mkdir(parents=True)
+    texts = make_texts(n_files * docs_per_file, seed=5)
+    for f in range(n_files):
+        lines = [json.dumps({"text": t, "lang": lang}, ensure_ascii=False)
+                 for t, lang in texts[f * docs_per_file:(f + 1) * docs_per_file]]
+        if f == 1:
+            lines.insert(3, '{"text": "broken')  # counted by the reader, in every layout
+        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "notes.md").write_text("skipped, and said so")
+
+
+@pytest.mark.parametrize("layout", ["files", "stream"])
+def test_task_count_does_not_change_the_shards(tmp_path: Path, tok_dir: Path, layout: str) -> None:
+    """1 task (this process) vs 3 tasks on 2 local worker processes: byte-identical shard files, and so the
+    same token streams and the same train/validation split. `files`: a folder of 4 files (each task reads
+    only its own files); `stream`: one file, cut into blocks of 25 documents dealt round-robin."""
+    from kfoundry.data.shard_tasks import shard_corpus
+
+    if layout == "files":
+        write_corpus_files(tmp_path / "corpus", n_files=4, docs_per_file=60)
+        spec = str(tmp_path / "corpus")
+    else:
+        write_corpus_files(tmp_path / "corpus", n_files=1, docs_per_file=240)
+        spec = str(tmp_path / "corpus" / "part-0.jsonl")
+    kw = dict(val_fraction=0.2, seed=3, shard_tokens=700, block_docs=25)
+    one = shard_corpus(spec, tok_dir, tmp_path / "one", tasks=1, **kw)
+    three = shard_corpus(spec, tok_dir, tmp_path / "three", tasks=3, workers=2, **kw)
+    assert one == three
+    assert shard_files(tmp_path / "one") == shard_files(tmp_path / "three")
+    assert one["splits"]["val"]["docs"] > 0 and len(one["splits"]["train"]["files"]) > 2  # boundaries exercised
+    # ... and the same as the single-process writer on the same documents
+    from kfoundry.corpus import CorpusStats, iter_documents
+
+    stats = CorpusStats()
+    write_shards(iter_documents(spec, stats), KTokenizer.load(tok_dir), tmp_path / "ref", stats=stats,
+                 val_fraction=0.2, seed=3, shard_tokens=700)
+    assert shard_files(tmp_path / "ref") == shard_files(tmp_path / "one")
+    assert not list(tmp_path.glob("*.work")) and not list(tmp_path.glob(".parts-*"))  # work files removed
+    if layout == "files":
+        assert one["corpus_stats"]["dropped"] == {"malformed_json": 1}
+        assert one["corpus_stats"]["notes"] == [f"skipped unsupported files in {spec!r}: 1 .md"]
+
+
+def test_sharding_tasks_resume_and_cli(tmp_path: Path, tok_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A unit finished by an earlier (killed) run is not encoded again; the CLI takes --tasks/--workers."""
+    from kfoundry.data.shard_tasks import EncodeShards
+
+    write_corpus_files(tmp_path / "corpus", n_files=3, docs_per_file=40)
+    spec = str(tmp_path / "corpus")
+    # an earlier run got as far as task 1 of 3 (a unit of its own): its part files survive the kill
+    work = tmp_path / "out.work"
+    EncodeShards(spec, tok_dir, work / "parts", val_fraction=0.1).run(rank=1, world_size=3)
+    (finished,) = sorted((work / "parts").glob("*.part.json"))
+    stamp = finished.stat().st_mtime_ns
+    EncodeShards(spec, tok_dir, work / "parts", val_fraction=0.1).run(rank=1, world_size=3)
+    assert finished.stat().st_mtime_ns == stamp  # the finished unit is skipped, not encoded again
+    from kfoundry.data.shard_tasks import WORK_SETTINGS
+    from kfoundry.fileio import atomic_write_json
+
+    atomic_write_json(work / WORK_SETTINGS, {"spec": spec, "tokenizer": str(tok_dir.resolve()), "tasks": 3, "seed": 0,
+                                             "val_fraction": 0.1, "shard_tokens": 1 << 24, "max_chars_per_doc": None,
+                                             "block_docs": 4096})
+    from kfoundry.data.shard_tasks import shard_corpus
+
+    meta = shard_corpus(spec, tok_dir, tmp_path / "out", tasks=3, workers=2, val_fraction=0.1)
+    assert meta["docs"] == 120
+    assert not work.exists()  # merged, then cleaned up
+    code = main(["data", "shard", "--corpus", spec, "--tokenizer", str(tok_dir), "--out", str(tmp_path / "cli"),
+                 "--val-fraction", "0.1", "--tasks", "3", "--workers", "2"])
+    assert code == 0 and "120 docs" in capsys.readouterr().out
+    assert shard_files(tmp_path / "cli") == shard_files(tmp_path / "out")

@@ -16,10 +16,19 @@ What one document is, per file type:
 - `.parquet`  one row per document, as for CSV. Id: `path#ROW` (0-based).
 Folders: every supported file inside, recursively, in sorted path order; hidden files and folders (a
 leading ".") are ignored and other unsupported files are listed in the stats notes.
+
+Damage that is an error, not a count (a half-copied download must never pass for a smaller corpus):
+- a `.jsonl.gz` or `.parquet` file that is cut off or corrupt raises `CorpusError` at the point of damage,
+  unless the spec says `#truncated=keep`; then what was read before the damage is used and the file is
+  counted once as `unreadable_file`;
+- a `.txt` file that is not UTF-8 (a binary file, or CP949 text) raises `CorpusError` saying so. (A large
+  .txt file whose first 64 KiB are UTF-8 text is read paragraph by paragraph; a bad paragraph in it is
+  counted as `invalid_utf8`.)
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -58,6 +67,7 @@ class FileEntry:
     path: str  # spelled from the user's spec, so document ids do not depend on the machine
     kind: str  # one of SUFFIXES without the leading dot
     field: str  # the JSON field / table column that holds the text
+    keep_truncated: bool = False  # "#truncated=keep": a damaged compressed file yields what it held
 
 
 def file_kind(path: str) -> str | None:
@@ -81,7 +91,7 @@ def expand_path(source: PathSource) -> tuple[list[FileEntry], Counter]:
             )
         if kind == "txt" and source.field:
             raise CorpusError(f"'#field=' does not apply to a .txt file: {path!r}")
-        return [FileEntry(path, kind, field)], Counter()
+        return [FileEntry(path, kind, field, source.keep_truncated)], Counter()
     if not os.path.isdir(path):
         raise CorpusError(f"corpus path not found: {path!r}")
     found: list[tuple[tuple[str, ...], str]] = []
@@ -98,7 +108,7 @@ def expand_path(source: PathSource) -> tuple[list[FileEntry], Counter]:
                 found.append((PurePath(os.path.relpath(full, path)).parts, full))
     if not found:
         raise CorpusError(f"corpus folder {path!r} has no supported files ({', '.join(SUFFIXES)})")
-    entries = [FileEntry(full, file_kind(full) or "", field) for _, full in sorted(found)]
+    entries = [FileEntry(full, file_kind(full) or "", field, source.keep_truncated) for _, full in sorted(found)]
     return entries, skipped
 
 
@@ -114,6 +124,23 @@ def _decode(data: bytes) -> str | None:
         return None
 
 
+# The first bytes of a .txt file decide whether it is text at all: a NUL byte or invalid UTF-8 there means
+# a binary file or another encoding, which is the user's to fix, not a count of "0 documents".
+_SNIFF_BYTES = 1 << 16
+
+
+def _check_utf8_text(entry: FileEntry, head: bytes, whole: bool) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(head, final=whole)  # final=False: a character cut at the sniff boundary is fine
+        bad = head.find(b"\x00")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    if bad >= 0:
+        raise CorpusError(f"{entry.path} is not UTF-8 text (byte {bad} is {head[bad:bad + 1]!r}): a binary "
+                          "file, or text in another encoding (convert it, e.g. `iconv -f CP949 -t UTF-8`)")
+
+
 def _txt_record(entry: FileEntry, data: bytes, line: int) -> Record | Rejected:
     where = f"{entry.path}#{line}"
     text = _decode(data)
@@ -127,9 +154,12 @@ def _txt_record(entry: FileEntry, data: bytes, line: int) -> Record | Rejected:
 def _read_txt(entry: FileEntry) -> Iterator[Record | Rejected]:
     if os.path.getsize(entry.path) <= TXT_SPLIT_BYTES:
         with open(entry.path, "rb") as f:
-            data = f.read()
-        yield _txt_record(entry, data.removeprefix(_BOM), 1)
+            data = f.read().removeprefix(_BOM)
+        _check_utf8_text(entry, data, whole=True)
+        yield _txt_record(entry, data, 1)
         return
+    with open(entry.path, "rb") as f:
+        _check_utf8_text(entry, f.read(_SNIFF_BYTES).removeprefix(_BOM), whole=False)
     # Large file: stream paragraphs. Splitting bytes on b"\n" is safe in UTF-8, where 0x0A never occurs
     # inside a multi-byte character, so each paragraph can be decoded (and rejected) on its own.
     para: list[bytes] = []
@@ -159,7 +189,17 @@ def _read_jsonl(entry: FileEntry) -> Iterator[Record | Rejected]:
                     continue
                 yield _json_record(entry, raw, lineno)
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError; a cut-off gzip is EOFError
-        yield Rejected(UNREADABLE_FILE, f"{entry.path}#{lineno + 1}: {type(e).__name__}: {e}")
+        yield _damaged(entry, lineno, "line", e)
+
+
+def _damaged(entry: FileEntry, position: int, unit: str, error: BaseException) -> Rejected:
+    """A cut-off or corrupt file: an error, unless the spec opted in with `#truncated=keep`."""
+    where = f"{entry.path}#{position + 1}: {type(error).__name__}: {error}"
+    if entry.keep_truncated:
+        return Rejected(UNREADABLE_FILE, where)
+    raise CorpusError(f"{entry.path} is truncated or corrupt ({type(error).__name__} after {position:,} "
+                      f"{unit}s: {error}); download or copy it again, or add '#truncated=keep' to the corpus "
+                      "spec to use what was read before the damage")
 
 
 def _json_record(entry: FileEntry, raw: bytes, lineno: int) -> Record | Rejected:
@@ -237,4 +277,4 @@ def _read_parquet(entry: FileEntry) -> Iterator[Record | Rejected]:
                 yield _row_record(entry, row, f"{entry.path}#{row_no}")
                 row_no += 1
     except (pa.ArrowException, OSError) as e:  # not a Parquet file, a truncated one, a corrupt page
-        yield Rejected(UNREADABLE_FILE, f"{entry.path}#{row_no}: {type(e).__name__}: {e}")
+        yield _damaged(entry, row_no, "row", e)

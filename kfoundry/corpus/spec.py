@@ -8,7 +8,10 @@ Grammar (docs/corpus.md has examples):
     SOURCE  := "starter"
              | "hf:" NAME [":" CONFIG] ["@" SPLIT] [OPTION]
              | PATH [OPTION]                      a file or a folder
-    OPTION  := "#field=" NAME | "#column=" NAME   which field/column holds the text (same option)
+    OPTION  := ("#" KEY "=" VALUE)+              per-source options, each starting with "#":
+               "#field=NAME" | "#column=NAME"      which field/column holds the text (same option)
+               "#truncated=keep"                   use what a damaged compressed file held before the
+                                                   damage (default: a damaged .jsonl.gz/.parquet is an error)
 
 Why these separators: "," and ":WEIGHT" belong to mixes, so per-source options use "#", which cannot be
 confused with a weight or with the ":CONFIG" of a hub dataset. The weight is always the text after the
@@ -30,7 +33,8 @@ SPEC_HELP = (
     "a SPEC is 'starter', a file or folder (.txt .jsonl .jsonl.gz .parquet .csv), "
     "'hf:NAME[:CONFIG][@SPLIT]', or a weighted mix like 'a.jsonl:0.7,b.txt:0.3'"
 )
-OPTION_KEYS = ("field", "column")  # synonyms: JSON says "field", tables say "column"
+OPTION_KEYS = ("field", "column", "truncated")  # "field" and "column" are synonyms: JSON vs tables
+TRUNCATED_KEEP = "keep"
 DEFAULT_SPLIT = "train"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9_+-]+:")  # "hub:x", "s3://x": a kind of spec we do not know
 
@@ -44,6 +48,7 @@ class StarterSource:
 class PathSource:
     path: str  # as the user wrote it (ids and sources keep this spelling, so they are stable)
     field: str | None = None
+    keep_truncated: bool = False  # "#truncated=keep": a damaged compressed file yields what it held
 
     @property
     def label(self) -> str:
@@ -109,11 +114,14 @@ def parse_source(text: str) -> Source:
     if text == "starter":
         return StarterSource()
     if text.startswith("hf:"):
-        body, option_field = _split_option(text)
-        return _parse_hub(body[3:], option_field, text)
+        body, options = _split_options(text)
+        if "truncated" in options:
+            raise CorpusError(f"'#truncated=' applies to local files, not to a hub dataset: {text!r}")
+        return _parse_hub(body[3:], options.get("field"), text)
     if os.path.exists(text):
         return PathSource(text)
-    body, option_field = _split_option(text)
+    body, options = _split_options(text)
+    option_field = options.get("field")
     if body == "starter":
         raise CorpusError(f"the starter corpus takes no options: {text!r}")
     head, colon, tail = body.rpartition(":")
@@ -122,17 +130,26 @@ def parse_source(text: str) -> Source:
     if _SCHEME.match(body):  # two or more letters, so a Windows drive "C:" is still a path
         kind = body.split(":", 1)[0] + ":"
         raise CorpusError(f"unknown corpus spec kind {kind!r} in {text!r}; {SPEC_HELP}")
-    return PathSource(body, option_field)
+    return PathSource(body, option_field, keep_truncated=options.get("truncated") == TRUNCATED_KEEP)
 
 
-def _split_option(text: str) -> tuple[str, str | None]:
-    body, sep, option = text.partition("#")
-    if not sep:
-        return text, None
-    key, eq, value = option.partition("=")
-    if key not in OPTION_KEYS or not eq or not value:
-        raise CorpusError(f"bad option {'#' + option!r} in corpus spec {text!r}; use '#field=NAME' (or '#column=NAME')")
-    return body, value
+def _split_options(text: str) -> tuple[str, dict[str, str]]:
+    """`path#field=x#truncated=keep` -> ("path", {"field": "x", "truncated": "keep"}); "column" is "field"."""
+    body, *items = text.split("#")
+    options: dict[str, str] = {}
+    for option in items:
+        key, eq, value = option.partition("=")
+        if key not in OPTION_KEYS or not eq or not value:
+            raise CorpusError(f"bad option {'#' + option!r} in corpus spec {text!r}; use '#field=NAME' "
+                              "(or '#column=NAME') and/or '#truncated=keep'")
+        if key == "truncated" and value != TRUNCATED_KEEP:
+            raise CorpusError(f"bad option {'#' + option!r} in corpus spec {text!r}; the only value is "
+                              f"'#truncated={TRUNCATED_KEEP}'")
+        key = "field" if key == "column" else key
+        if key in options:
+            raise CorpusError(f"corpus spec {text!r} gives '#{key}=' twice")
+        options[key] = value
+    return body, options
 
 
 def _parse_hub(rest: str, option_field: str | None, text: str) -> HubSource:

@@ -61,6 +61,14 @@ def _register_shard(data_sub: Any) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file before a new one starts")
     p.add_argument("--max-chars-per-doc", type=int, default=DataConfig().max_chars_per_doc,
                    help="the corpus reader's cap on document length")
+    p.add_argument("--tasks", type=int, default=1,
+                   help="encode tasks the corpus is cut into (datatrove tasks; 1 = this process, no executor); the "
+                        "shard files are the same whatever the count")
+    p.add_argument("--workers", type=int, default=1, help="tasks run at the same time (local: processes)")
+    p.add_argument("--executor", choices=("local", "slurm", "ray"), default="local",
+                   help="datatrove executor for the tasks, as for `data prepare`")
+    p.add_argument("--executor-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra argument for the datatrove executor, e.g. partition=cpu time=02:00:00 (repeatable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run_shard)
 
@@ -68,6 +76,7 @@ def _register_shard(data_sub: Any) -> None:
 def run_shard(args: argparse.Namespace) -> int:
     # Imported here so `kfoundry --help` stays fast and other stages work while these modules are absent.
     from kfoundry.corpus import CorpusStats, iter_documents
+    from kfoundry.data.prepare_cli import parse_options
     from kfoundry.data.shards import write_shards
     from kfoundry.tokenizer import KTokenizer
 
@@ -80,8 +89,19 @@ def run_shard(args: argparse.Namespace) -> int:
     docs = iter_documents(args.corpus, stats, max_chars_per_doc=args.max_chars_per_doc, seed=args.seed)
     config = {"command": "data shard", "tokenizer_hash": tok.hash,
               **{k: v for k, v in vars(args).items() if k not in ("func", "command", "data_command")}}
-    meta = write_shards(docs, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                        shard_tokens=args.shard_tokens, stats=stats, config=config, overwrite=args.overwrite)
+    if args.tasks == 1 and args.executor == "local":
+        meta = write_shards(docs, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                            shard_tokens=args.shard_tokens, stats=stats, config=config, overwrite=args.overwrite)
+    else:
+        from kfoundry.data.shard_tasks import shard_corpus
+
+        meta = shard_corpus(args.corpus, tok_dir, args.out, tasks=args.tasks, workers=args.workers,
+                            executor=args.executor, executor_options=parse_options(args.executor_opt),
+                            val_fraction=args.val_fraction, seed=args.seed, shard_tokens=args.shard_tokens,
+                            max_chars_per_doc=args.max_chars_per_doc, config=config, overwrite=args.overwrite)
+        if meta.get("submitted"):
+            print(f"shards: submitted {args.tasks} encode tasks and the merge with {args.executor} -> {args.out}")
+            return 0
     print(summary_line(meta, args.out))
     return 0
 

@@ -160,6 +160,9 @@ def render_markdown(card: dict[str, Any]) -> str:
                      f"{dc['n_grams']}-word n-grams; documents removed: {dc['removed']:,}")
         for task, n in dc.get("removed_by_task", {}).items():
             lines.append(f"- {task}: {n:,}")
+        for e in dc.get("examples", []):  # matched documents (kfoundry.data.curate.finalize._matched)
+            lines.append(f"  - `{e['id']}` ({e['task']}): shared {dc['n_grams']}-gram (or whole short item) "
+                         f"\"{e['ngram']}\" in: {_snippet(e['text'])}")
     lines += ["", "## Top removal reasons", ""]
     for r in card["top_removals"]:
         lines.append(f"- **{r['step']} / {r['reason']}**: {r['docs']:,} documents, {r['chars']:,} chars")

@@ -12,8 +12,13 @@ one way: items shorter than n words are indexed whole (see below).
 
 - **Sources**: a folder of `.tsv`/`.csv` (every cell of every data row), `.jsonl` (every string value)
   or `.txt` (every line) files, e.g. the local KoBEST copy in `shared/data/eval/kobest`. The task name is the
-  folder name plus the file's path inside it: `kobest_boolq_dev`. Any lm-eval task can be registered the
-  same way by writing its documents to a JSONL file.
+  folder name plus the file's path inside it: `kobest_boolq_dev`.
+- **lm-eval tasks**: `lm-eval:NAME[,NAME...][@TASK_DIR]` reads the documents lm-eval itself evaluates (the
+  test split, else validation) of each named task or group, every string field of each document (question,
+  passage, choices) being an item; the task name is lm-eval's (`kobest_boolq`). kfoundry's offline KoBEST
+  pack (`kfoundry/eval/tasks`, the same YAMLs `kfoundry eval --task-dir` uses) is always on lm-eval's path, with
+  its data read from TASK_DIR (default: the shared KoBEST copy). Hub tasks (`kmmlu`, `haerae`, `click`, ...)
+  work when their datasets are in the Hugging Face cache; offline and uncached they fail in one line.
 - **Words**: datatrove's `simplify_text` (lower case, no punctuation, digits as 0; NFC kept), then a
   whitespace split.
   For Korean a space-separated word is an eojeol, the unit closest to an English word, so the default
@@ -48,6 +53,11 @@ from kfoundry.text import nfc
 HASH = HashConfig(precision=64, hash_fc="sha1")
 INDEX_FILE = "index.json"
 SUFFIXES = (".tsv", ".csv", ".jsonl", ".txt")
+LM_EVAL_PREFIX = "lm-eval:"
+# The offline task pack's YAML files (kfoundry/eval/tasks): a path handed to lm-eval, not an import, so the
+# data layer stays below the eval layer.
+PACK_DIR = Path(__file__).resolve().parents[2] / "eval" / "tasks"
+_PACK_NAME = re.compile(r"^(?:task|group):[ \t]*([\w\-]+)[ \t]*$", re.M)
 
 
 def decont_config(n_grams: int) -> NGramsDecontConfig:
@@ -111,6 +121,70 @@ def task_files(root: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def parse_lm_eval(source: str) -> tuple[list[str], Path]:
+    """`lm-eval:a,b@DIR` -> (["a", "b"], DIR); DIR defaults to the shared KoBEST copy."""
+    from kfoundry.data.curate.recipe import shared_data_dir
+
+    body = source[len(LM_EVAL_PREFIX):]
+    names_text, at, task_dir = body.partition("@")
+    names = [n.strip() for n in names_text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"decontamination source {source!r} names no lm-eval task; e.g. 'lm-eval:kobest'")
+    return names, Path(task_dir).expanduser() if at else shared_data_dir() / "eval" / "kobest"
+
+
+def _doc_strings(doc) -> Iterator[str]:
+    """The text of an lm-eval document: its string fields and the strings in list fields (answer choices)."""
+    for value in (doc.values() if isinstance(doc, dict) else [doc]):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, str))
+
+
+def lm_eval_tasks(source: str) -> list[tuple[str, Iterator[str]]]:
+    """(lm-eval task name, its evaluated documents' strings) for every task an `lm-eval:` source names."""
+    import logging
+
+    from lm_eval.tasks import TaskManager
+
+    names, task_dir = parse_lm_eval(source)
+    pack_names = {m for p in PACK_DIR.rglob("*.yaml") for m in _PACK_NAME.findall(p.read_text(encoding="utf-8"))}
+    if set(names) & pack_names and not task_dir.is_dir():
+        raise FileNotFoundError(f"{source}: the offline KoBEST data folder is missing: {task_dir}")
+    logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # the pack shadows lm-eval's kobest
+    manager = TaskManager(include_path=str(PACK_DIR), include_defaults=not set(names) <= pack_names,
+                          metadata={"task_dir": str(task_dir.resolve())})
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"{source}: lm-eval has no task or group {', '.join(map(repr, unknown))}")
+    out: list[tuple[str, Iterator[str]]] = []
+    for name in names:
+        try:
+            tasks = manager.load([name])["tasks"]  # flat {task name: Task}: groups expand to their tasks
+        except Exception as e:  # datasets raises many kinds when offline and uncached
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise FileNotFoundError(f"{source}: could not load the data of lm-eval task {name!r} "
+                                    f"({type(e).__name__}: {first}); hub tasks need their dataset in the "
+                                    "Hugging Face cache") from None
+        for task_name, task in sorted(tasks.items()):
+            out.append((task_name, (text for doc in task.eval_docs for text in _doc_strings(doc))))
+    return out
+
+
+def _source_items(source: str | Path) -> list[tuple[str, str, Iterator[str]]]:
+    """(task name, where it came from, its item texts) for one decontamination source."""
+    if str(source).startswith(LM_EVAL_PREFIX):
+        return [(re.sub(r"[^0-9A-Za-z_\-]+", "_", t), f"{source} ({t})", items)
+                for t, items in lm_eval_tasks(str(source))]
+    return [(task, str(path), iter_items(path)) for task, path in task_files(Path(source))]
+
+
+def source_label(source: str | Path) -> str:
+    """How a source is recorded in the index settings: folders resolved, lm-eval sources as written."""
+    return str(source) if str(source).startswith(LM_EVAL_PREFIX) else str(Path(source).resolve())
+
+
 def build_index(sources: list[str | Path], out_dir: str | Path, *, n_grams: int = 13,
                 min_item_words: int = 8) -> dict:
     """Write `<task>.index.hashes` files and `index.json` (the report) into `out_dir`; return the report.
@@ -120,7 +194,7 @@ def build_index(sources: list[str | Path], out_dir: str | Path, *, n_grams: int 
     if not 1 <= min_item_words <= n_grams:
         raise ValueError(f"decontamination: need 1 <= min_item_words <= n_grams, got {min_item_words}, {n_grams}")
     out_dir = Path(out_dir)
-    settings = {"sources": [str(Path(s).resolve()) for s in sources], "n_grams": n_grams,
+    settings = {"sources": [source_label(s) for s in sources], "n_grams": n_grams,
                 "min_item_words": min_item_words, "tokenizer": "simplify_text + whitespace", "hash": str(HASH)}
     if (out_dir / INDEX_FILE).is_file():
         old = read_json(out_dir / INDEX_FILE)
@@ -132,10 +206,10 @@ def build_index(sources: list[str | Path], out_dir: str | Path, *, n_grams: int 
     tasks: dict[str, dict] = {}
     sizes: set[int] = set()
     for source in sources:
-        for task, path in task_files(Path(source)):
-            stat = tasks.setdefault(task, {"file": str(path), "items": 0, "items_indexed": 0,
+        for task, where, items in _source_items(source):
+            stat = tasks.setdefault(task, {"file": where, "items": 0, "items_indexed": 0,
                                            "items_too_short": 0})
-            for text in iter_items(path):
+            for text in items:
                 if not any(c.isalpha() for c in text):
                     continue  # ids, numbers and scores are not text items
                 stat["items"] += 1

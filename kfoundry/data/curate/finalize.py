@@ -1,10 +1,15 @@
-"""The last stage: check the accounting, write the data card, and turn the curated documents into tokens.
+"""The finalize stage: check the accounting, write the data card and the completion marker, get a tokenizer.
 
-It runs as a one-task datatrove stage, so on a cluster it is simply the last job of the chain.
+It runs as a one-task datatrove stage, so on a cluster it is simply one more job of the chain.
+
+Completion marker. Once the identity holds, `curated.done.json` (kfoundry.corpus.prepared) lists every
+curated file with its size; only then does any corpus reader accept the folder (a killed run leaves curated
+files that gzip reads without complaint up to the cut). A broken identity writes no marker.
 
 Token shards. The curated folder is itself a corpus SPEC (a folder of `.jsonl.gz` files with `text` and
-`lang`), so shards are made the way `kfoundry data shard` makes them (`kfoundry.data.shards.write_shards`),
-with the tokenizer given by `--tokenizer DIR`, or else one trained here on the curated text
+`lang`), so shards are made the way `kfoundry data shard --tasks N` makes them: the two stages after this one
+(`encode`, N tasks, and `shards`, kfoundry.data.shard_tasks) on the same executor as the curation. The
+tokenizer is the one given by `--tokenizer DIR`, or else one trained here on the curated text
 (`kfoundry.tokenizer.train_tokenizer`, `output.vocab_size` of the recipe) and saved as `tokenizer/`.
 """
 
@@ -20,7 +25,9 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from kfoundry.data.curate.accounting import check_identity, length_bin, merge
+from kfoundry.corpus.prepared import CURATED_DIR, DONE_FILE
 from kfoundry.data.curate.card import redact_examples, top_removals, write_card
+from kfoundry.fileio import atomic_write_json
 
 
 class AccountingError(RuntimeError):
@@ -79,7 +86,7 @@ def build_card(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
                    "min_item_words": report["settings"]["min_item_words"], "items": report["items"],
                    "items_indexed": report["items_indexed"], "items_too_short": report["items_too_short"],
                    "tasks": report["tasks"], "removed": decont["docs_removed"],
-                   "removed_by_task": _removed_by_task(out / "removed" / "decontaminate")})
+                   **_matched(out / "removed" / "decontaminate")})
     pii_changes = by_name.get("pii", {}).get("changes", {})
     try:
         sources = describe_sources(settings["corpus"])
@@ -111,48 +118,66 @@ def build_card(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _removed_by_task(folder: Path) -> dict[str, int]:
+DECONTAM_EXAMPLES = 5
+
+
+def _matched(folder: Path) -> dict[str, Any]:
+    """Removed documents per evaluation task, and the first few matches: document id, task, the shared
+    n-gram, and the document text around it (personal data redacted: decontamination runs before PII)."""
+    from kfoundry.data.curate.pii import redact
+
     counts: Counter = Counter()
+    examples: list[dict[str, Any]] = []
     for f in sorted(folder.glob("*.jsonl.gz")):
         with gzip.open(f, "rt", encoding="utf-8") as fh:
             for line in fh:
-                counts[json.loads(line).get("contaminated_task", "?")] += 1
-    return dict(counts.most_common())
+                rec = json.loads(line)
+                counts[rec.get("contaminated_task", "?")] += 1
+                if len(examples) < DECONTAM_EXAMPLES:
+                    examples.append({"id": rec.get("id"), "task": rec.get("contaminated_task"),
+                                     "ngram": rec.get("contaminated_ngram"),
+                                     "text": redact(rec.get("text", "")[:300])[0]})
+    return {"removed_by_task": dict(counts.most_common()), "examples": examples}
 
 
-def make_shards(out: Path, settings: dict[str, Any]) -> dict[str, str]:
-    """Tokenizer (given or trained) and token shards of the curated folder; returns their paths."""
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.data.shards import write_shards
-    from kfoundry.tokenizer import KTokenizer, train_tokenizer
+def tokenizer_dir(out: Path, settings: dict[str, Any]) -> Path:
+    """The tokenizer the shards are made with: `--tokenizer DIR`, else `out/tokenizer` (trained in finalize)."""
+    return Path(settings["tokenizer"]) if settings.get("tokenizer") else out / "tokenizer"
 
-    spec = str(out / "curated")
-    if settings.get("tokenizer"):
-        tok_dir = Path(settings["tokenizer"])
-        tok = KTokenizer.load(tok_dir)
-    else:
-        tok_dir = out / "tokenizer"
-        if (tok_dir / "tokenizer.json").is_file():
-            tok = KTokenizer.load(tok_dir)
-        else:
-            tok = train_tokenizer((d.text for d in iter_documents(spec)), settings["vocab_size"])
-            tok.save(tok_dir)
-    stats = CorpusStats()
-    write_shards(iter_documents(spec, stats, seed=settings.get("seed", 0)), tok, out / "shards",
-                 val_fraction=settings["val_fraction"], seed=settings.get("seed", 0), stats=stats,
-                 config={"command": "data prepare", "tokenizer_hash": tok.hash, "corpus": spec},
-                 overwrite=True)
-    return {"tokenizer": str(tok_dir), "shards": str(out / "shards")}
+
+def ensure_tokenizer(out: Path, settings: dict[str, Any]) -> Path:
+    """The given tokenizer, or one trained on the curated documents (kept if a resumed run already made it)."""
+    from kfoundry.corpus import iter_documents
+    from kfoundry.tokenizer import train_tokenizer
+
+    tok_dir = tokenizer_dir(out, settings)
+    if not (tok_dir / "tokenizer.json").is_file():
+        tok = train_tokenizer((d.text for d in iter_documents(str(out / CURATED_DIR))), settings["vocab_size"])
+        tok.save(tok_dir)
+    return tok_dir
+
+
+def write_done_marker(out: Path, docs: int, shards: bool) -> None:
+    """`curated.done.json`: the curated files and their sizes; from now on the folder is a corpus. `shards`
+    tells the encode and merge stages whether there is anything to shard."""
+    files = {f"{CURATED_DIR}/{f.name}": f.stat().st_size for f in sorted((out / CURATED_DIR).glob("*.jsonl.gz"))}
+    atomic_write_json(out / DONE_FILE, {"format": "kfoundry.prepare.done", "docs": docs, "files": files,
+                                        "shards": shards})
 
 
 def finalize(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """Build the card, check the identity, make shards, write everything; raise AccountingError if broken."""
+    """Build the card, check the identity, mark the curated folder complete, get the tokenizer for the shards;
+    raise AccountingError if the identity is broken (and then write no marker)."""
     card = build_card(out, settings)
-    if card["identity"]["ok"] and settings.get("shards") and card["totals"]["docs_curated"] > 0:
-        card["outputs"].update(make_shards(out, settings))
+    will_shard = card["identity"]["ok"] and bool(settings.get("shards")) and card["totals"]["docs_curated"] > 0
+    if will_shard:
+        card["outputs"].update({"tokenizer": str(tokenizer_dir(out, settings)), "shards": str(out / "shards")})
     write_card(out, card)
     if not card["identity"]["ok"]:
         raise AccountingError("accounting identity broken: " + "; ".join(card["identity"]["failures"]))
+    write_done_marker(out, card["totals"]["docs_curated"], will_shard)
+    if will_shard:
+        ensure_tokenizer(out, settings)
     return card
 
 

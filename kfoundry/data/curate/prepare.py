@@ -11,7 +11,8 @@ The output directory (its layout is in docs/curation.md):
     curated/            the curated documents, NNNNN.jsonl.gz: a corpus SPEC in its own right
     removed/<step>/     exclusion files: every removed document with `filter_reason`
     accounting/<step>/  per-task counts; data_card.json/.md and *.png: the data card
-    tokenizer/ shards/  token shards for training (unless shards=False)
+    curated.done.json   the completion marker: until it exists no corpus reader accepts this folder
+    tokenizer/ shards/  token shards for training (unless shards=False); encode/ holds their parts meanwhile
     dedup/ decontam_index/ logs/<stage>/ (datatrove's logs, stats and completion markers)
 
 Re-running on the same directory with the same settings resumes: finished stages and tasks are skipped
@@ -30,12 +31,43 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kfoundry.corpus.prepared import CURATED_DIR, DONE_FILE, SETTINGS_FILE
 from kfoundry.data.curate.recipe import Recipe, load_recipe, resolve_set
 from kfoundry.fileio import atomic_write_json, read_json
 
-SETTINGS_FILE = "prepare.json"
+SHARD_TOKENS = 1 << 24  # tokens per shard file, as `kfoundry data shard` writes by default
 # Settings that may change between a run and its resumption without changing any result.
 _RUN_ONLY = ("executor", "workers", "steps", "decontam_note")
+
+
+def _backfill_marker(out: Path, shards: bool) -> None:
+    """A run finished by a kfoundry that wrote no completion marker: its finalize stage completed and its card
+    says the identity holds, so the marker it would have written is written now."""
+    from kfoundry.data.curate.finalize import write_done_marker
+
+    card_path = out / "data_card.json"
+    if (out / DONE_FILE).is_file() or not card_path.is_file():
+        return
+    if not (out / "logs" / "finalize" / "completions" / "00000").is_file():
+        return
+    card = read_json(card_path)
+    if card.get("identity", {}).get("ok"):
+        docs = card["totals"]["docs_curated"]
+        write_done_marker(out, docs, shards and docs > 0)
+
+
+def _last_stage(shards: bool) -> str:
+    return "shards" if shards else "finalize"
+
+
+def _connect_ray(log: Callable[[str], None]) -> None:
+    """Join the Ray cluster this shell points at (RAY_ADDRESS, or the one `ray start` made on this machine);
+    with none running, Ray starts a local one for this process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+        log(f"[data prepare] ray: {ray.cluster_resources().get('CPU', 0):.0f} CPUs in the cluster")
 
 
 def _default_log(msg: str) -> None:
@@ -68,21 +100,32 @@ def _datatrove_output_to(path: Path, verbose: bool) -> Iterator[Callable[[str], 
 
 
 def _decontam_sets(recipe: Recipe, decontam: list[str] | None) -> tuple[list[str], str]:
-    """Folders to decontaminate against, and a note when the recipe's default sets are missing."""
-    if decontam is not None:
-        paths = [Path(d).expanduser() for d in decontam]
-        for p in paths:
-            if not p.is_dir():
-                raise FileNotFoundError(f"--decontam folder not found: {p}")
-        return [str(p.resolve()) for p in paths], ""
-    if not recipe.decontaminate.enabled:
+    """Sources to decontaminate against (folders and `lm-eval:` task lists), and a note for the card.
+
+    Decontamination is never silently off: when the recipe's sets are missing this is an error, and only
+    `decontam=[]` (`--no-decontam`) or a recipe with `decontaminate.enabled: false` turns it off.
+    """
+    from kfoundry.data.curate.decontam import LM_EVAL_PREFIX, parse_lm_eval
+
+    if decontam is not None and not decontam:
+        return [], "decontamination off (--no-decontam)"
+    if decontam is None and not recipe.decontaminate.enabled:
         return [], "decontamination off in the recipe"
-    found, missing = [], []
-    for entry in recipe.decontaminate.sets:
-        p = resolve_set(entry)
-        (found if p.is_dir() else missing).append(str(p.resolve() if p.is_dir() else p))
-    note = f"evaluation sets not found, not used: {', '.join(missing)}" if missing else ""
-    return found, note
+    entries = decontam if decontam is not None else [str(resolve_set(e)) if not e.startswith(LM_EVAL_PREFIX)
+                                                     else e for e in recipe.decontaminate.sets]
+    found = []
+    for entry in entries:
+        if entry.startswith(LM_EVAL_PREFIX):
+            parse_lm_eval(entry)  # a malformed task list fails now
+            found.append(entry)
+            continue
+        p = Path(entry).expanduser()
+        if not p.is_dir():
+            where = "--decontam folder" if decontam is not None else f"evaluation set of recipe {recipe.name!r}"
+            raise FileNotFoundError(f"{where} not found: {p}; give --decontam DIR or --decontam lm-eval:TASKS, "
+                                    "or --no-decontam to curate without decontamination")
+        found.append(str(p.resolve()))
+    return found, ""
 
 
 def prepare(
@@ -106,13 +149,14 @@ def prepare(
     """Curate `corpus` into `out`; return the data card (with `stage_seconds` added for a local run).
 
     workers: processes at a time (local) or concurrent tasks (slurm/ray); tasks: how many pieces the corpus
-    is cut into (default 2 x workers). decontam: folders of evaluation files, replacing the recipe's sets
-    ([] turns decontamination off). tokenizer: an existing tokenizer for the shards (default: train one).
+    is cut into (default 2 x workers). decontam: folders of evaluation files and `lm-eval:TASKS[@DIR]`
+    entries, replacing the recipe's sets ([] turns decontamination off; missing sets are an error). tokenizer: an existing tokenizer for the shards (default: train one).
     executor_options: extra keyword arguments for datatrove's executor (slurm needs partition and time).
     """
     from kfoundry.corpus import iter_documents
     from kfoundry.data.curate.decontam import build_index
-    from kfoundry.data.curate.finalize import Finalize
+    from kfoundry.data.curate.finalize import Finalize, tokenizer_dir
+    from kfoundry.data.shard_tasks import shard_stages
     from kfoundry.data.curate.stages import build_plan, check_executor, make_executors, run_local
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -144,7 +188,9 @@ def prepare(
                              "another --out or pass --overwrite")
         if not same:
             shutil.rmtree(out)
-        elif (out / "data_card.json").is_file() and (out / "logs" / "finalize" / "completions" / "00000").is_file():
+        else:
+            _backfill_marker(out, shards)
+        if same and (out / "data_card.json").is_file() and (out / "logs" / _last_stage(shards) / "completions" / "00000").is_file():
             log(f"[data prepare] {out} is already complete; nothing to do")
             return read_json(out / "data_card.json")
     elif out.exists() and any(out.iterdir()):
@@ -160,18 +206,32 @@ def prepare(
         report = build_index(sets, index_dir, n_grams=rec.decontaminate.n_grams,
                              min_item_words=rec.decontaminate.min_item_words)
         log(f"[data prepare] decontamination index: {report['items_indexed']:,} evaluation items from "
-            f"{len(report['tasks'])} files")
+            f"{len(report['tasks'])} tasks")
 
     def build() -> tuple[Any, list[Any]]:
         finalize_step = Finalize(out, settings)
         plan = build_plan(corpus, out, rec, tasks, decontam_index=index_dir, finalize=finalize_step, seed=seed)
+        if shards:  # tokenization on the same executor: N encode tasks, then one merge (shard_tasks.py)
+            plan.stages += shard_stages(str(out / CURATED_DIR), tokenizer_dir(out, settings), out / "encode",
+                                        out / "shards", tasks=tasks, val_fraction=settings["val_fraction"],
+                                        seed=seed, shard_tokens=SHARD_TOKENS, overwrite=True,
+                                        config={"command": "data prepare", "corpus": str(out / CURATED_DIR)},
+                                        gate=out / DONE_FILE)
         settings["steps"] = plan.steps  # the same dict the finalize step holds
         atomic_write_json(out / SETTINGS_FILE, settings)
         return plan, make_executors(plan, executor, workers, executor_options)
 
     if executor != "local":
+        if executor == "ray":
+            _connect_ray(log)
         plan, executors = build()
         executors[-1].run()  # slurm submits the chain and returns; ray runs it
+        if executor == "ray":  # datatrove's Ray executor logs a failed task and goes on; we do not
+            for stage, ex in zip(plan.stages, executors):
+                incomplete = ex.get_incomplete_ranks(range(stage.tasks))
+                if incomplete:
+                    raise RuntimeError(f"data prepare failed on ray: stage {stage.name}, tasks {incomplete} did not "
+                                       f"complete; see {out / 'logs' / stage.name / 'logs'} and run again to resume")
         card_path = out / "data_card.json"
         if card_path.is_file():
             return read_json(card_path)
