@@ -8,12 +8,27 @@ round; the goal ratios are medians of per-round ratios (engines run back to back
 machine's load, which on a shared machine is steadier than a ratio of bests). Every engine gets the same number
 of threads.
 
+llama.cpp runs in two builds, both from the same llama.cpp source (the one llama-cpp-python's source package
+ships, so the Python binding matches it):
+
+- *portable*: the library the Makefile installs (`-DGGML_NATIVE=OFF`: AVX2/FMA/F16C, runs on any x86-64 with them);
+- *native*: the same source built for this machine (`-DGGML_NATIVE=ON`, llama.cpp's default, i.e.
+  `-march=native`: AVX-512 where the CPU has it). This is what a user who builds llama.cpp gets, so it is the
+  fair peer. It is built once into `--native-build DIR` (a temporary directory unless given; the source package
+  comes from `--llama-src` or `pip download`), and loaded through `LLAMA_CPP_LIB_PATH`.
+
+A process can load one llama.cpp library only, so each build decodes in its own worker process that stays up for
+the whole run; the worker times its own decode loop, exactly as the in-process engines are timed. The output
+states the CPU features each build uses (llama.cpp's system info) and the machine's load average before and after
+the timed rounds, labelled idle or busy.
+
 Bits per byte are measured on FLORES-200 dev sentences (Korean and English, from the shared data), which no
 kfoundry model trains on, for our float32 and int8 models and for every GGUF type.
 
     .venv/bin/python bench/edge_decode.py --model RUN/ckpt/step-NNNNNN [--new-tokens 128] [--rounds 5] [--large gpu-124m]
+        [--native-build DIR] [--llama-src DIR_OR_TARBALL]
 
-Goals (issue 7): our generator >= 3x transformers and >= 0.5x llama.cpp F32.
+Goals (issue 7): our generator >= 3x transformers and >= 0.5x llama.cpp F32 built for the machine (native).
 """
 
 from __future__ import annotations
@@ -23,8 +38,14 @@ import copy
 import json
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +83,140 @@ def bits_per_byte(logits_of, docs: list[list[int]], token_bytes: np.ndarray) -> 
     return float(nats / nbytes / math.log(2))
 
 
+# ------------------------------------------------------------------------------------------------ llama.cpp builds
+
+NATIVE_CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON",
+                     "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_TOOLS=OFF",
+                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+                     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
+
+
+def llama_source(src: str | None, work: Path) -> Path:
+    """The llama.cpp source inside llama-cpp-python's source package, of the version installed here."""
+    if src is None:
+        want = version("llama-cpp-python")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", f"llama-cpp-python=={want}", "--no-deps",
+                        "--no-binary", ":all:", "-d", str(work)], check=True)
+        src = str(next(work.glob("llama_cpp_python-*.tar.gz")))
+    path = Path(src)
+    if path.is_file():  # the .tar.gz itself
+        with tarfile.open(path) as tar:
+            tar.extractall(work, filter="data")
+        path = next(p for p in work.iterdir() if p.is_dir() and p.name.startswith("llama_cpp_python-"))
+    tree = path / "vendor" / "llama.cpp"
+    if not (tree / "CMakeLists.txt").is_file():
+        raise FileNotFoundError(f"no llama.cpp source at {tree}")
+    return tree
+
+
+def build_native_llama(build_dir: Path, src: str | None) -> Path:
+    """Build libllama for this machine (GGML_NATIVE=ON) into BUILD_DIR, or reuse a build already there; returns
+    the directory holding libllama.so and its ggml libraries."""
+    if not (build_dir / "CMakeCache.txt").is_file():
+        tree = llama_source(src, Path(tempfile.mkdtemp(prefix="llama-src-")))
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(["cmake", "-S", str(tree), "-B", str(build_dir), *generator, *NATIVE_CMAKE_ARGS], check=True,
+                       stdout=subprocess.DEVNULL)
+    cache = (build_dir / "CMakeCache.txt").read_text()
+    if "GGML_NATIVE:BOOL=ON" not in cache:
+        raise ValueError(f"{build_dir} is not a GGML_NATIVE=ON build")
+    t0 = time.perf_counter()
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=subprocess.DEVNULL)
+    print(f"native llama.cpp: {build_dir} (build step {time.perf_counter() - t0:.0f} s; 0 s means it was built "
+          "before)", file=sys.stderr)
+    lib = next((p.parent for p in build_dir.rglob("libllama.so")), None)
+    if lib is None:
+        raise FileNotFoundError(f"no libllama.so under {build_dir}")
+    return lib
+
+
+def llama_worker(config: str) -> None:
+    """Worker process: load the GGUF files with the llama.cpp this process was started with, then decode on
+    request (one JSON line in, one out), timing only the decode loop."""
+    import llama_cpp
+
+    cfg = json.loads(config)
+    llms = {t: llama_cpp.Llama(model_path=path, n_ctx=cfg["n_ctx"], n_batch=cfg["n_ctx"], n_threads=cfg["threads"],
+                               n_threads_batch=cfg["threads"], seed=0, verbose=False)
+            for t, path in cfg["ggufs"].items()}
+    print(json.dumps({"system_info": llama_cpp.llama_print_system_info().decode().strip(),
+                      "lib": str(llama_cpp.llama_cpp._base_path)}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        llm, out = llms[req["type"]], []
+        llm.reset()
+        t0 = time.perf_counter()
+        for tok_id in llm.generate(req["prompt"], temp=0.0, repeat_penalty=1.0):
+            out.append(int(tok_id))
+            if len(out) == req["n"]:
+                break
+        print(json.dumps({"tokens": out, "seconds": time.perf_counter() - t0}), flush=True)
+    for llm in llms.values():
+        llm.close()
+
+
+class LlamaWorker:
+    """One llama.cpp build in its own process (`lib_dir` None: the installed, portable one)."""
+
+    def __init__(self, lib_dir: Path | None, ggufs: dict[str, Path], n_ctx: int, threads: int):
+        env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+        if lib_dir is not None:
+            env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
+        config = json.dumps({"ggufs": {t: str(p) for t, p in ggufs.items()}, "n_ctx": n_ctx, "threads": threads})
+        self.proc = subprocess.Popen([sys.executable, __file__, "--llama-worker", config], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self.info = json.loads(self.proc.stdout.readline())
+
+    def decode(self, t: str, prompt: list[int], n: int) -> tuple[list[int], float]:
+        try:
+            self.proc.stdin.write(json.dumps({"type": t, "prompt": prompt, "n": n}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BrokenPipeError:
+            line = ""
+        if not line:  # the worker died: say how (a build for another CPU dies of SIGILL)
+            rc = self.proc.wait(timeout=60)
+            how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+            raise RuntimeError(f"llama.cpp worker {how}")
+        reply = json.loads(line)
+        return reply["tokens"], reply["seconds"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+class OtherLoad:
+    """How many CPUs' worth of work *other* processes did while the benchmark ran: the machine's busy time
+    (/proc/stat) minus this process's and its workers' own CPU time, over the wall time. The load average cannot
+    say this, because it counts the benchmark's own threads."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy(), self._own()
+
+    @staticmethod
+    def _busy() -> int:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+    def _own(self) -> int:
+        total = 0
+        for pid in ["self", *self.pids]:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            total += sum(int(x) for x in stat[stat.rindex(")") + 2:].split()[11:13])  # utime, stime
+        return total
+
+    def cpus(self) -> float:
+        ticks = os.sysconf("SC_CLK_TCK") * (time.perf_counter() - self.t0)
+        return max(0.0, (self._busy() - self.busy0) - (self._own() - self.own0)) / ticks
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="checkpoint directory")
@@ -73,6 +228,12 @@ def main() -> None:
                          "(e.g. gpu-124m), where the weights no longer fit in the CPU caches")
     ap.add_argument("--bpb-lines", type=int, default=100, help="FLORES dev lines per language for bits per byte")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--native-build", default=None, metavar="DIR",
+                    help="build directory for llama.cpp with GGML_NATIVE=ON (reused when it holds a build; "
+                         "default: a new temporary directory)")
+    ap.add_argument("--llama-src", default=None, metavar="PATH",
+                    help="llama-cpp-python's source package (.tar.gz or unpacked) for the native build "
+                         "(default: pip download of the installed version)")
     args = ap.parse_args()
     import llama_cpp
     from transformers import AutoModelForCausalLM
@@ -92,7 +253,13 @@ def main() -> None:
     ggufs = {t: export_gguf(ckpt, work / f"model-{t}.gguf", out_type=t) for t in GGUF_TYPES}
     llms = {t: llama_cpp.Llama(model_path=str(ggufs[t].path), n_ctx=cfg.max_seq_len, n_batch=cfg.max_seq_len,
                                n_threads=threads, n_threads_batch=threads, logits_all=True, seed=0, verbose=False)
-            for t in GGUF_TYPES}
+            for t in GGUF_TYPES}  # bits per byte (portable build, in this process)
+    native_lib = build_native_llama(Path(args.native_build or tempfile.mkdtemp(prefix="llama-native-")),
+                                    args.llama_src)
+    # One worker per build and file type, so that a crash (a native build using an instruction this machine's
+    # virtualisation does not allow) takes down only that engine, and is reported as such.
+    workers = {(build, t): LlamaWorker(lib, {t: ggufs[t].path}, cfg.max_seq_len, threads)
+               for build, lib in (("native", native_lib), ("portable", None)) for t in ("f32", "q8_0")}
 
     def run_ours(model):
         return lambda: generate(model, [prompt], SamplingParams(max_new_tokens=n))[0]
@@ -103,31 +270,44 @@ def main() -> None:
                               eos_token_id=None, pad_token_id=tok.pad_id)
         return out[0, len(prompt):].tolist()
 
-    def run_llama(t):
+    def timed_here(fn):
         def run():
-            llm, out = llms[t], []
-            llm.reset()
-            for tok_id in llm.generate(prompt, temp=0.0, repeat_penalty=1.0):
-                out.append(int(tok_id))
-                if len(out) == n:
-                    break
-            return out
+            t0 = time.perf_counter()
+            out = fn()
+            return out, time.perf_counter() - t0
         return run
 
-    engines = {"kfoundry fp32": run_ours(fp32), "kfoundry int8": run_ours(int8), "transformers fp32": run_hf,
-               "llama.cpp F32": run_llama("f32"), "llama.cpp Q8_0": run_llama("q8_0")}
-    first = {name: fn() for name, fn in engines.items()}  # warm-up
+    def run_llama(build, t):
+        return lambda: workers[build, t].decode(t, prompt, n)  # timed inside the worker
+
+    engines = {"kfoundry fp32": timed_here(run_ours(fp32)), "kfoundry int8": timed_here(run_ours(int8)),
+               "transformers fp32": timed_here(run_hf)}
+    for build in ("native", "portable"):
+        engines[f"llama.cpp F32 ({build})"] = run_llama(build, "f32")
+        engines[f"llama.cpp Q8_0 ({build})"] = run_llama(build, "q8_0")
+    first, failed = {}, {}
+    for name, fn in list(engines.items()):  # warm-up, and which engines run at all
+        try:
+            first[name] = fn()[0]
+        except RuntimeError as e:
+            failed[name] = str(e)
+            del engines[name]
     secs: dict[str, list[float]] = {name: [] for name in engines}
+    load_before = os.getloadavg()[0]
+    other = OtherLoad([w.proc.pid for w in workers.values() if w.proc.poll() is None])
     for _ in range(args.rounds):
         for name, fn in engines.items():
             # torch and llama.cpp each bring their own OpenMP runtime, whose idle threads spin for a while after
             # a parallel region; a pause lets the previous engine's threads go to sleep before the next one runs.
             time.sleep(0.5)
-            t0 = time.perf_counter()
-            out = fn()
-            secs[name].append(time.perf_counter() - t0)
+            out, seconds = fn()
+            secs[name].append(seconds)
             assert len(out) == n, (name, len(out))
+    other_cpus, load_after = other.cpus(), os.getloadavg()[0]
+    label = "idle" if other_cpus < 0.25 else "busy"  # busy: other processes used more than a quarter of a CPU
     tps = {name: n / min(s) for name, s in secs.items()}
+    for w in workers.values():
+        w.close()
 
     token_bytes = np.array(tok.token_bytes())
     docs = [tok.encode(line, bos=True)[: cfg.max_seq_len + 1] for line in flores_lines(args.bpb_lines)]
@@ -157,6 +337,14 @@ def main() -> None:
     print(f"model: {ckpt} ({fp32.num_params():,} parameters; dim {cfg.dim}, {cfg.n_layers} layers, "
           f"vocab {cfg.vocab_size}); {n} new tokens after a {len(prompt)}-token prompt; {threads} threads; "
           f"llama-cpp-python {llama_cpp.__version__}; torch {torch.__version__}")
+    print(f"machine: {os.cpu_count()} CPUs; during the timed rounds other processes used {other_cpus:.2f} CPUs on "
+          f"average: {label.upper()} (1-minute load average {load_before:.2f} before, {load_after:.2f} after, "
+          f"counting this benchmark's own threads)")
+    for (build, t), w in workers.items():
+        if t == "f32":
+            print(f"llama.cpp {build} build ({w.info['lib']}): {w.info['system_info']}")
+    for name, why in failed.items():
+        print(f"{name}: FAILED, not timed ({why})")
     print("\n| engine | decode tokens/s | greedy tokens = kfoundry fp32 |\n|---|---|---|")
     for name in engines:
         print(f"| {name} | {tps[name]:,.0f} | {'yes' if same[name] else 'no'} |")
@@ -166,11 +354,15 @@ def main() -> None:
         return float(np.median([sb / sa for sa, sb in zip(secs[a], secs[b])]))
 
     ratios = {"fp32 / transformers": ratio("kfoundry fp32", "transformers fp32"),
-              "fp32 / llama.cpp F32": ratio("kfoundry fp32", "llama.cpp F32"),
+              "fp32 / llama.cpp F32 (native)": ratio("kfoundry fp32", "llama.cpp F32 (native)"),
+              "fp32 / llama.cpp F32 (portable)": ratio("kfoundry fp32", "llama.cpp F32 (portable)"),
+              "llama.cpp F32 native / portable": ratio("llama.cpp F32 (native)", "llama.cpp F32 (portable)"),
               "int8 / fp32": ratio("kfoundry int8", "kfoundry fp32")}
-    print(f"\nmedian per-round ratios: kfoundry fp32 / transformers = {ratios['fp32 / transformers']:.2f}x (goal >= 3x); "
-          f"kfoundry fp32 / llama.cpp F32 = {ratios['fp32 / llama.cpp F32']:.2f}x (goal >= 0.5x); "
-          f"kfoundry int8 / fp32 = {ratios['int8 / fp32']:.2f}x")
+    print(f"\nmedian per-round ratios ({label} machine): kfoundry fp32 / transformers = "
+          f"{ratios['fp32 / transformers']:.2f}x (goal >= 3x); kfoundry fp32 / llama.cpp F32 native = "
+          f"{ratios['fp32 / llama.cpp F32 (native)']:.2f}x (goal >= 0.5x; portable build: "
+          f"{ratios['fp32 / llama.cpp F32 (portable)']:.2f}x); llama.cpp F32 native / portable = "
+          f"{ratios['llama.cpp F32 native / portable']:.2f}x; kfoundry int8 / fp32 = {ratios['int8 / fp32']:.2f}x")
     print("\n| format | size (MB) |\n|---|---|")
     for name, b in sizes.items():
         print(f"| {name} | {b / 1e6:.3f} |")
@@ -182,8 +374,14 @@ def main() -> None:
     large = large_model_int8(args.large, args.rounds) if args.large else None
     if args.json:
         Path(args.json).write_text(json.dumps({"tokens_per_sec": tps, "ratios": ratios, "bpb": bpb, "sizes": sizes,
-                                               "seconds": secs, "new_tokens": n,
-                                               "threads": threads, "large": large}, indent=2), encoding="utf-8")
+                                               "seconds": secs, "new_tokens": n, "threads": threads,
+                                               "load": {"other_cpus": other_cpus, "label": label,
+                                                        "loadavg_before": load_before,
+                                                        "loadavg_after": load_after},
+                                               "llama_cpp_builds": {b: w.info for (b, t), w in workers.items()
+                                                                    if t == "f32"},
+                                               "failed": failed,
+                                               "large": large}, indent=2), encoding="utf-8")
 
 
 def large_model_int8(preset_name: str, rounds: int, new_tokens: int = 32) -> dict:
@@ -214,4 +412,7 @@ def large_model_int8(preset_name: str, rounds: int, new_tokens: int = 32) -> dic
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--llama-worker":
+        llama_worker(sys.argv[2])
+    else:
+        main()

@@ -12,7 +12,8 @@ Tiny models, built once per session and shared by every test file that asks for 
 
 They are shared, so they are read-only: a test that would write into one copies it first.
 `one_thread` pins torch to one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
-Plain helpers for test files (`from conftest import ...`): `MIXED_TEXTS`, `TINY_TEXTS`, `assert_hf_logits_match`.
+Plain helpers for test files (`from conftest import ...`): `MIXED_TEXTS`, `TINY_TEXTS`, `assert_hf_logits_match`,
+`decoder_logits` and `assert_greedy_agrees_where_clear`.
 """
 
 from __future__ import annotations
@@ -63,6 +64,45 @@ def assert_hf_logits_match(ckpt, hf_dir, tok, texts, atol: float = 1e-5):
             a, b = ours(ids), hf(ids).logits
         assert torch.allclose(a, b, atol=atol, rtol=0), f"{text!r}: max diff {(a - b).abs().max()}"
     return hf
+
+
+def decoder_logits(model, prompt: list[int], tokens: list[int], max_new_tokens: int):
+    """The logits `generate` computes for a single prompt (SequenceDecoder, sized as generate sizes it) at each
+    position of `tokens`, fed in as if the model had chosen them: [len(tokens), V]."""
+    import torch
+
+    from kfoundry.model.decode import SequenceDecoder
+
+    with torch.inference_mode():
+        dec = SequenceDecoder(model, len(prompt) + max_new_tokens)
+        return torch.stack([dec.prefill(prompt)] + [dec.step(t) for t in tokens[:-1]])
+
+
+def assert_greedy_agrees_where_clear(want_logits, got_logits, want: list[int], got: list[int], *,
+                                     min_compared: int) -> float:
+    """Greedy tokens `got` of one computation against `want` of a reference, compared only where the choice is
+    clear; returns the measured logit error.
+
+    `want_logits[i]` are the logits that chose `want[i]`, `got_logits[i]` the other computation's logits at the
+    same prefix. The error is the largest |difference| between the two; where the reference's top-two gap exceeds
+    twice it, no such difference can swap the top two, so the tokens must agree on any CPU. A smaller gap is a
+    near tie that rounding may swap (int8 by design, float32 by summation order); after a swap the two continue
+    different texts and are compared no further. At least `min_compared` positions must be clear: a large error
+    leaves few, so a broken computation cannot pass by being compared nowhere.
+    """
+    assert len(got) == len(want) == len(want_logits) == len(got_logits)
+    err = float((got_logits - want_logits).abs().max())
+    top2 = want_logits.topk(2, dim=-1).values
+    gaps = (top2[:, 0] - top2[:, 1]).tolist()
+    compared = 0
+    for i, (w, g) in enumerate(zip(want, got)):
+        if gaps[i] > 2 * err:
+            assert g == w, f"position {i}: token {g} != {w} with a top-two gap {gaps[i]:.4g} > 2 x error {err:.4g}"
+            compared += 1
+        elif g != w:
+            break
+    assert compared >= min_compared, f"only {compared} of {len(want)} positions clear of 2 x error {err:.4g}"
+    return err
 
 
 @pytest.fixture(scope="session")

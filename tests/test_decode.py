@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_greedy_agrees_where_clear, decoder_logits
 
 from kfoundry.config import ModelConfig
 from kfoundry.model.decode import SequenceDecoder, interleave_order
@@ -64,22 +65,35 @@ def test_int8_model_decodes_like_its_own_forward():
         assert (logits - ref).norm() / ref.norm() < 3e-2  # a wrong layout or scale is off by O(1)
 
 
-def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding by recomputing the whole sequence at every step: no cache, no decoder."""
-    ids = list(prompt)
+def reference_greedy(model: Transformer, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding by recomputing the whole sequence at every step: no cache, no decoder. Returns the tokens
+    and the logits that chose them."""
+    ids, chose = list(prompt), []
     with torch.inference_mode():
         for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
+            chose.append(model(torch.tensor([ids]))[0, -1])
+            ids.append(int(chose[-1].argmax()))
+    return ids[len(prompt):], torch.stack(chose)
+
+
+def assert_decoder_greedy_matches_reference(model: Transformer, prompt: list[int], n: int) -> None:
+    """`generate` (the decoder) picks the reference's tokens wherever the reference's top-two gap exceeds twice
+    the decoder's measured logit difference (float32 vs float32, summed in another order: ~1e-5); a random model
+    has near ties that any summation order may swap, and those are not compared."""
+    want, want_logits = reference_greedy(model, prompt, n)
+    got = generate(model, [prompt], SamplingParams(max_new_tokens=n))[0]
+    err = assert_greedy_agrees_where_clear(want_logits, decoder_logits(model, prompt, want, n), want, got,
+                                           min_compared=n * 3 // 4)
+    assert err < 1e-3  # float rounding, not a wrong layout or scale (those are off by O(1))
 
 
 @pytest.mark.parametrize("shape", ["gqa-tied", "qk-norm"])
 def test_generate_single_prompt_uses_decoder_and_matches_reference(shape):
     model = build(shape)
     prompt = [1, 5, 9, 200]
-    got = generate(model, [prompt], SamplingParams(max_new_tokens=30))[0]
-    assert "_sequence_decoder_weights" in model.__dict__  # the fast path ran
-    assert got == reference_greedy(model, prompt, 30)
+    generate(model, [prompt], SamplingParams(max_new_tokens=1))
+    assert "_sequence_decoder_weights" in model.__dict__  # generate took the fast path
+    assert_decoder_greedy_matches_reference(model, prompt, 30)
 
 
 def test_decoder_weights_follow_parameter_updates():
@@ -90,8 +104,7 @@ def test_decoder_weights_follow_parameter_updates():
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.mul_(3.0)
         model.model.layers[1].input_layernorm.weight.add_(0.5)
-    got = generate(model, [prompt], SamplingParams(max_new_tokens=12))[0]
-    assert got == reference_greedy(model, prompt, 12)
+    assert_decoder_greedy_matches_reference(model, prompt, 12)
 
 
 def test_unsupported_models_use_general_path():

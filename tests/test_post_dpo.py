@@ -18,9 +18,13 @@ from kfoundry.post.data import load_preferences
 
 CHOSEN = ["네, 기꺼이 도와드릴게요! 😀", "Sure, happy to help! 🎉"]
 REJECTED = ["No.", "싫어요."]
+# 24 different questions, one pair each: the 6 held out are questions the policy never trained on.
 QUESTIONS = ["대한민국 헌법 제1조는?", "What is 2 + 3?", "오늘 날씨 어때?", "How do I print in Python?",
              "\u1112\u1161\u11ab\u1100\u1173\u11af은 누가 만들었어?", "가격은 12,345원인가요?", "Tell me a joke 😀",
-             "서울의 인구는?", "What does break do?", "한강은 어디에 있어?", "Who are you?", "몇 시야?"]
+             "서울의 인구는?", "What does break do?", "한강은 어디에 있어?", "Who are you?", "몇 시야?",
+             "김치찌개는 어떻게 끓여?", "What is 7 x 8?", "내일 비 와?", "How do I sort a list?", "부산까지 몇 km야?",
+             "Recommend a book 📚", "이 노래 제목이 뭐야? 🎵", "What does return do?", "제주도에 가 볼 만한 곳은?",
+             "Where is Mount Everest?", "오늘 며칠이야?", "Can you count to 10?"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
@@ -30,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run 
 def setup(tiny_checkpoint, tmp_path_factory):
     """A random test-micro-sized checkpoint (conftest; read-only) and the preference pairs."""
     prefs = [{"prompt": q, "chosen": CHOSEN[i % 2], "rejected": REJECTED[(i // 2) % 2]}
-             for i, q in enumerate(QUESTIONS * 2)]
+             for i, q in enumerate(QUESTIONS)]
     data = tmp_path_factory.mktemp("dpo") / "prefs.jsonl"
     data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prefs), encoding="utf-8")
     base, tok = tiny_checkpoint((QUESTIONS + CHOSEN + REJECTED) * 30, 400)
@@ -75,6 +79,7 @@ def test_dpo_raises_reward_accuracy_with_a_frozen_reference(setup, tmp_path):
     # the reference is frozen: its checkpoint is untouched and the cached log-probs are what it computes now
     assert sha256_file(base / "model.safetensors") == base_sha
     train_prefs, val_prefs = D.split_prefs(prefs, 0.25, tc.seed)
+    assert len(val_prefs) == 6 and not {str(p.prompt) for p in val_prefs} & {str(p.prompt) for p in train_prefs}
     order = D.encode_pairs(tok, train_prefs, 64) + D.encode_pairs(tok, val_prefs, 64)
     fresh = D.pair_logps(ckpt_io.load_model(base), order, 8, tok.pad_id, "cpu")
     assert torch.allclose(cache, fresh, atol=1e-4)

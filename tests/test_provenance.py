@@ -1,5 +1,6 @@
-"""Provenance: the hash-chained ledger, what the stages record, `provenance verify` (tampering is detected and
-named, lineage reaches random initialisation or external weights), the model card and the speedrun section."""
+"""Provenance: the hash-chained ledger (also against lines cut off its end), what the stages record, `provenance
+verify` (tampering is detected and named, in every checkpoint and export of a run and its sub-runs; lineage reaches
+random initialisation or external weights), the model card and the speedrun section."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from kfoundry.cli import main
 from kfoundry.config import resolve
 from kfoundry.pipeline import ensure_shards, ensure_tokenizer
 from kfoundry.provenance import ledger
-from kfoundry.provenance.record import (find_checkpoint_entry, record_checkpoint, record_evaluation, weights_digest)
+from kfoundry.provenance.record import (find_checkpoint_entry, read_mark, record_checkpoint, record_evaluation,
+                                        weights_digest)
 from kfoundry.provenance.verify import lineage, verify
 from kfoundry.train import loop
 
@@ -98,6 +100,30 @@ def test_chain_names_the_first_broken_line(tmp_path):
         ledger.record(tmp_path, "note", n=5)
 
 
+def test_lines_cut_off_the_end_are_detected_and_not_appended_to(tmp_path):
+    """Every link of a shortened chain still holds; the head file beside the ledger says where it ended."""
+    entries = [ledger.record(tmp_path, "note", n=i) for i in range(4)]
+    assert json.loads(ledger.head_path(tmp_path).read_text()) == {"lines": 4, "hash": entries[-1]["hash"]}
+    path = ledger.ledger_path(tmp_path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n", encoding="utf-8")
+    problems = ledger.check_chain(tmp_path)
+    assert len(problems) == 1 and "lines 3-4 were cut off the end" in problems[0], problems
+    with pytest.raises(ledger.LedgerError, match="cut off the end"):  # appending would bless the cut
+        ledger.record(tmp_path, "note", n=9)
+
+    # a different last line where the head points: the end was rewritten (same length, other content)
+    forged = ledger.record(tmp_path / "other", "note", n=7)
+    path.write_text("\n".join(lines[:3]) + "\n" + json.dumps({**forged, "seq": 3, "prev": entries[2]["hash"]})
+                    + "\n", encoding="utf-8")
+    assert any("line 4: not the line ledger.head.json recorded" in p for p in ledger.check_chain(tmp_path))
+
+    # removing the head file as well does not pass silently
+    path.write_text("\n".join(lines[:2]) + "\n", encoding="utf-8")
+    ledger.head_path(tmp_path).unlink()
+    assert any("ledger.head.json: missing" in p for p in ledger.check_chain(tmp_path))
+
+
 # ------------------------------------------------------------------------------------------------- what stages record
 
 
@@ -113,6 +139,9 @@ def test_pretraining_records_init_data_and_every_checkpoint(run):
     assert (c4["step"], c8["step"]) == (4, 8) and c8["tokens"] == 2 * c4["tokens"] > 0
     assert c4["parent"] == init["hash"] and c8["parent"] == c4["hash"] and c8["data"] == data["hash"]
     assert c8["weights_sha256"] == weights_digest(final_ckpt(run))
+    # the checkpoint carries the line that recorded it, and the head file where the ledger ended
+    assert read_mark(final_ckpt(run)) == {"ledger": "../../ledger.jsonl", "line": 4, "hash": c8["hash"]}
+    assert json.loads(ledger.head_path(run).read_text()) == {"lines": 4, "hash": c8["hash"]}
 
 
 def test_verify_a_run_and_its_lineage_from_random_init(run, capsys):
@@ -161,6 +190,75 @@ def test_a_tampered_checkpoint_file_is_named(run, tmp_path):
     problems = verify(run).problems
     assert any(str(weights) in p and "differ from those recorded" in p for p in problems), problems
     assert any("manifest.json" in p for p in problems)
+
+
+def add_sub_run(run: Path, stage: str, steps: tuple[int, ...] = (5, 10)) -> Path:
+    """A post-training run inside RUN, where `speedrun` puts its SFT (RUN/sft): checkpoints written and recorded
+    as the post-training loop does (save_checkpoint, then record_checkpoint). Returns the last one."""
+    parent = final_ckpt(run)
+    model, tok = load_model(parent), load_tokenizer(parent)
+    for step in steps:
+        with torch.no_grad():
+            model.model.norm.weight.add_(0.01)
+        path = save_checkpoint(run / stage / "ckpt" / f"step-{step:06d}", model, tok,
+                               trainer_state={"step": step, "tokens_seen": 10 * step},
+                               meta={"stage": stage, "parent": str(parent.resolve()), "final": step == steps[-1]})
+        record_checkpoint(path)
+    return path
+
+
+def test_verify_a_run_checks_every_checkpoint_and_export_in_it(run, tmp_path):
+    """`verify RUN` covers the sub-runs (sft/, dpo/) and exports inside RUN, not only RUN's own ledger."""
+    from kfoundry.export.gguf import export_gguf
+
+    run = copy_run(run, tmp_path).resolve()
+    sft_final, dpo_final = add_sub_run(run, "sft"), add_sub_run(run, "dpo", steps=(3,))
+    gguf = export_gguf(final_ckpt(run), run / "export" / "model-f32.gguf", out_type="f32").path  # recorded
+    report = verify(run)
+    assert report.ok, report.problems
+    assert {str(sft_final), str(dpo_final), str(gguf), str(final_ckpt(run))} <= set(report.checked)
+    assert {str(run / "sft"), str(run / "dpo")} <= set(report.ledgers)
+
+    flip_byte(sft_final / "model.safetensors")  # the final SFT model of a speedrun-like run
+    problems = verify(run).problems
+    assert any(str(sft_final) in p and "model.safetensors" in p for p in problems), problems
+    assert not verify(final_ckpt(run)).problems  # the pretraining line itself is intact
+    shutil.copy(final_ckpt(run) / "model.safetensors", sft_final / "model.safetensors")  # a swapped model
+    assert any(str(sft_final) in p and "model.safetensors" in p for p in verify(run).problems)
+    shutil.rmtree(sft_final)
+
+    # a checkpoint or an export that no ledger records is a failure: nothing shows it was not swapped in
+    shutil.copytree(dpo_final, run / "distill" / "ckpt" / "step-000001")
+    flip_byte(gguf, offset=-3)
+    (run / "export" / "other.gguf").write_bytes(gguf.read_bytes())
+    problems = verify(run).problems
+    assert any("distill/ckpt/step-000001: a checkpoint in the run that no ledger records" in p for p in problems)
+    assert any(str(gguf) in p and "changed since it was recorded" in p for p in problems), problems
+    assert any("other.gguf: an export in the run that no ledger records" in p for p in problems), problems
+
+
+def test_a_ledger_cut_before_a_checkpoint_is_seen_from_the_checkpoint(run, tmp_path):
+    """Cutting the last lines and rewriting the head file to match: the checkpoints still name their lines."""
+    from kfoundry.export.hf import export_hf
+
+    run = copy_run(run, tmp_path).resolve()
+    export_hf(final_ckpt(run), run / "export" / "hf")
+    path = ledger.ledger_path(run)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["kind"] for x in lines][-2:] == ["checkpoint", "export"]
+
+    path.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")  # the export's line
+    problems = verify(run).problems
+    assert any("cut off the end" in p for p in problems), problems
+    assert any("export/hf: an export in the run that no ledger records" in p for p in problems), problems
+
+    kept = lines[:-2]  # the last checkpoint's line too, with a head file that agrees with the cut
+    path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    ledger.head_path(run).write_text(json.dumps({"lines": len(kept), "hash": json.loads(kept[-1])["hash"]}))
+    assert ledger.check_chain(run) == []  # the chain and the head alone cannot tell
+    want = f"{len(kept)} line(s), but {final_ckpt(run)} was recorded at line {len(kept) + 1}"
+    assert any(want in p for p in verify(run).problems), verify(run).problems
+    assert any(want in p for p in verify(final_ckpt(run)).problems)
 
 
 def test_a_tampered_shard_is_named(run, tmp_path):

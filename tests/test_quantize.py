@@ -1,5 +1,6 @@
 """Int8 weight-only quantization of our generator: exact arithmetic of the scheme, 4x smaller matrices, the same
-greedy tokens as float32 on a model with clear preferences, and `kfoundry generate --quantize int8`."""
+greedy tokens as float32 wherever float32's choice is clear of the measured int8 error, and `kfoundry generate
+--quantize int8`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import copy
 import pytest
 import torch
 
+from conftest import TINY_TEXTS, assert_greedy_agrees_where_clear, decoder_logits
 from kfoundry.checkpoint import load_model, save_checkpoint
-from conftest import TINY_TEXTS
 from kfoundry.cli import main
 from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.model.llama import Transformer
@@ -90,13 +91,23 @@ def test_quantized_model_is_smaller_and_close(build, tok, tie, mixed_texts):
         quantize_int8(int8)
 
 
+def int8_agrees_where_clear(fp32, int8, prompt: list[int], n: int, min_compared: int) -> None:
+    """Greedy tokens of both models from `prompt`, checked against each other where float32's choice is clear of
+    twice the int8 logit error measured along float32's tokens (conftest)."""
+    p = SamplingParams(max_new_tokens=n)
+    want, got = generate(fp32, [prompt], p)[0], generate(int8, [prompt], p)[0]
+    assert_greedy_agrees_where_clear(decoder_logits(fp32, prompt, want, n), decoder_logits(int8, prompt, want, n),
+                                     want, got, min_compared=min_compared)
+
+
 def test_greedy_tokens_match_float32(tok, trained, mixed_texts):
     fp32 = trained
     int8 = quantize_int8(copy.deepcopy(fp32))
-    # Where the model is sure of itself (text it has learned), int8 decodes exactly the float32 tokens.
-    prompts = [tok.encode(t[:12], bos=True) for t in TRAIN_TEXT[:3]]
-    p = SamplingParams(max_new_tokens=16)
-    assert generate(int8, prompts, p) == generate(fp32, prompts, p)
+    # Where float32 is sure of itself (text the model learned), int8 decodes its tokens. The premise is measured,
+    # not assumed: a position counts only where float32's top-two gap exceeds twice the int8 logit error measured
+    # along those tokens; on the AVX-512 EPYC of issue 17 a 0.008 gap flipped, and such a position is skipped.
+    for t in TRAIN_TEXT[:3]:
+        int8_agrees_where_clear(fp32, int8, tok.encode(t[:12], bos=True), 16, min_compared=8)
     # On any text the next-token distributions stay close: mean KL(fp32 || int8) per position, in nats.
     # (Where two tokens are nearly tied, any rounding may swap them; this bounds how much probability moves.)
     with torch.no_grad():
@@ -108,14 +119,21 @@ def test_greedy_tokens_match_float32(tok, trained, mixed_texts):
 
 
 def test_generate_cli_quantize_int8(tok, trained, tmp_path, capsys):
+    """The CLI prints what the int8 model decodes, and that agrees with float32 where float32's choice is clear."""
     ckpt = save_checkpoint(tmp_path / "ckpt", trained, tok)
-    base = ["generate", "--model", str(ckpt), "--prompt", "대한민국은", "--prompt", "The quick",
-            "--temperature", "0", "--max-new-tokens", "12"]
-    assert main(base) == 0
-    plain = capsys.readouterr().out
-    assert main(base + ["--quantize", "int8"]) == 0
-    quantized = capsys.readouterr().out
-    assert quantized == plain and quantized.startswith("대한민국은")
+    fp32, int8 = load_model(ckpt), quantize_int8(load_model(ckpt))
+    stop = {tok.eos_id, tok.eot_id}
+    p = SamplingParams(max_new_tokens=12)
+    for prompt in ("대한민국은", "The quick"):
+        base = ["generate", "--model", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12"]
+        assert main(base) == 0
+        plain = capsys.readouterr().out
+        assert main(base + ["--quantize", "int8"]) == 0
+        quantized = capsys.readouterr().out
+        ids = tok.encode(prompt, bos=True)
+        for model, printed in ((fp32, plain), (int8, quantized)):  # the very computations the CLI ran
+            assert printed == f"{prompt}{tok.decode(generate(model, [ids], p, stop_ids=stop)[0])}\n"
+        int8_agrees_where_clear(fp32, int8, ids, 12, min_compared=6)
     with pytest.raises(SystemExit):  # argparse refuses a scheme we do not have
         main(base + ["--quantize", "int4"])
 

@@ -8,6 +8,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+import transformers
 
 from kfoundry.cli import main
 from kfoundry.fileio import sha256_file
@@ -267,7 +268,6 @@ def test_chat_template_layout(tok: KTokenizer) -> None:
 
 
 def test_transformers_loads_the_directory_and_agrees(tok: KTokenizer, saved: Path, mixed_texts: list[str]) -> None:
-    transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(saved))
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     for text in mixed_texts:
@@ -356,7 +356,6 @@ def test_cli_stats_json_and_table(saved: Path, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_cli_train(tmp_path: Path, mixed_texts: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("kfoundry.corpus")
     docs = tmp_path / "docs.jsonl"
     with docs.open("w", encoding="utf-8") as f:
         for text in corpus(10) + mixed_texts:

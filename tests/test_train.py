@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from kfoundry.config import TrainConfig, resolve
 from kfoundry.train import loop
-from kfoundry.train.mfu import cpu_peak_flops, cuda_peak_flops
+from kfoundry.train.mfu import cpu_peak_flops, cpu_peak_key, cuda_peak_flops
 from kfoundry.train.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,14 @@ def test_schedules():
         lr_at(50, TrainConfig(schedule="linear"))
 
 
-def test_mfu_peaks():
+def test_mfu_peaks(tmp_path, monkeypatch):
     assert cuda_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert cuda_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert cuda_peak_flops("NVIDIA H200") == 989e12
     assert cuda_peak_flops("Some Unknown GPU") is None
-    assert cpu_peak_flops() > 1e9  # measured on this machine, then cached
+    monkeypatch.setenv("KFOUNDRY_CACHE", str(tmp_path))
+    peak = cpu_peak_flops()  # measured on this machine, then cached: the same figure comes back without a probe
+    assert peak > 0 and cpu_peak_flops() == peak == json.loads((tmp_path / "cpu_peak.json").read_text())[cpu_peak_key()]
 
 
 def test_determinism_and_loss_falls(prepared, tmp_path):
@@ -86,7 +88,7 @@ def test_determinism_and_loss_falls(prepared, tmp_path):
     ev = results[0]["eval"]
     assert math.isfinite(ev["val_bpb"]) and ev["val_bpb"] > 0
     assert {"val_bpb_ko", "val_bpb_en"} <= ev.keys()  # the starter corpus has both languages
-    assert results[0]["mfu"] is not None and 0 < results[0]["mfu"] < 1.5
+    assert results[0]["mfu"] is not None and 0 < results[0]["mfu"] <= 1  # checked_mfu never reports above the peak
     cfg_written = json.loads((tmp_path / "a" / "run_config.json").read_text())
     assert cfg_written["train"]["seed"] == 1 and cfg_written["preset"] == "test-micro"
 

@@ -21,12 +21,15 @@ from kfoundry.errors import CheckpointError
 from kfoundry.fileio import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
+# Written beside the manifest, after it, by the provenance layer (record_checkpoint): the ledger line that records
+# this checkpoint. It cannot be in the manifest, whose hash that line holds; it is JSON, never executed or unpickled.
+SIDE_FILES = frozenset({"ledger_entry.json"})
 
 
 def files_of(directory: Path) -> list[str]:
-    """Every file under `directory` except the manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.name != MANIFEST)
+    """Every file under `directory` except the manifest and the top-level side files, as sorted relative paths."""
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return sorted(n for n in names if n != MANIFEST and n not in SIDE_FILES)
 
 
 def write_manifest(directory: str | Path, hashes: dict[str, str] | None = None) -> dict[str, str]:

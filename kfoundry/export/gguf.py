@@ -41,6 +41,7 @@ import numpy as np
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import ModelConfig
 from kfoundry.fileio import atomic_file, atomic_write_text
+from kfoundry.provenance.record import record_export
 from kfoundry.text import nfc
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -236,6 +237,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+    record_export(ckpt, out, fmt=f"gguf-{out_type}")  # the run's ledger: this file's sha256, tied to the weights
     return GGUFExport(path=out, out_type=out_type, size_bytes=out.stat().st_size, tensor_types=tensor_types,
                       n_vocab=cfg.vocab_size)
 

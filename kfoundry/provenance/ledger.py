@@ -15,6 +15,14 @@ written. It cannot stop someone from rewriting the *whole tail* (recomputing eve
 edit), because nothing here is secret. That is why the model card publishes the ledger's head hash: once the
 head is written somewhere else (a model card on the hub, a commit, a report), the history before it is fixed.
 
+A chain cannot see its own end either: cutting the last lines off leaves a shorter chain whose every link holds.
+So the end is written down outside the ledger, twice:
+
+- `ledger.head.json` beside the ledger holds the number of lines and the hash of the last one, rewritten after
+  every append (`check_chain` compares the ledger with it; `record` refuses to append to a ledger shorter than it);
+- every checkpoint carries the line that recorded it (`ledger_entry.json`, written by `record.record_checkpoint`),
+  so cutting a checkpoint's line is seen from the checkpoint as well, even by someone who rewrote the head file.
+
 Appends take an exclusive `flock` on the file and write the line with one `write` call on an O_APPEND
 descriptor, so two stages recording into the same run at once cannot interleave or fork the chain.
 """
@@ -29,7 +37,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from kfoundry.fileio import atomic_write_json
+
 LEDGER_NAME = "ledger.jsonl"
+HEAD_NAME = "ledger.head.json"  # {"lines": N, "hash": hash of line N}: where the ledger ended when last written
 RESERVED = ("seq", "kind", "time", "prev", "hash")
 
 
@@ -39,6 +50,52 @@ class LedgerError(ValueError):
 
 def ledger_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / LEDGER_NAME
+
+
+def head_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / HEAD_NAME
+
+
+def read_head(run_dir: str | Path) -> dict[str, Any] | None:
+    """What `ledger.head.json` says (None when there is none, or it does not hold a line count and a hash)."""
+    try:
+        head = json.loads(head_path(run_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(head, dict) or not isinstance(head.get("lines"), int) or not isinstance(head.get("hash"), str):
+        return None
+    return head
+
+
+def line_hash(line: str) -> str | None:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return entry.get("hash") if isinstance(entry, dict) else None
+
+
+def check_head(run_dir: str | Path, lines: list[str]) -> list[str]:
+    """Problems with the ledger's end against `ledger.head.json`, given the ledger's lines.
+
+    A ledger longer than its head is not a problem (a process was stopped between writing a line and its head);
+    a shorter one lost lines at the end, and a different line where the head points means the tail was rewritten.
+    """
+    path, head = ledger_path(run_dir), read_head(run_dir)
+    if not lines:
+        return [] if head is None else [f"{path}: empty, but {HEAD_NAME} says it had {head['lines']} line(s) "
+                                        "(the ledger was cut or replaced)"]
+    if head is None:
+        return [f"{head_path(run_dir)}: missing or unreadable, so lines cut off the end of {path} cannot be "
+                "detected (every kfoundry ledger writes it beside the ledger)"]
+    n = head["lines"]
+    if n > len(lines):
+        cut = f"line {n} was" if n == len(lines) + 1 else f"lines {len(lines) + 1}-{n} were"
+        return [f"{path}: {len(lines)} line(s), but {HEAD_NAME} says it had {n}: {cut} cut off the end"]
+    if n < 1 or line_hash(lines[n - 1]) != head["hash"]:
+        return [f"{path} line {n}: not the line {HEAD_NAME} recorded as the end (hash "
+                f"{str(head['hash'])[:12]}); the end of the ledger was rewritten"]
+    return []
 
 
 def canonical(obj: Any) -> bytes:
@@ -80,23 +137,22 @@ def _locked(path: Path) -> Iterator[int]:
         os.close(fd)  # closing releases the lock
 
 
-def _last_line(path: Path) -> tuple[int, str | None]:
-    """(number of complete lines, the last complete line) of the ledger; raises on a torn final line."""
+def _complete_lines(path: Path) -> list[str]:
+    """The ledger's lines; raises on a torn final line."""
     data = path.read_bytes() if path.is_file() else b""
     if not data:
-        return 0, None
+        return []
     if not data.endswith(b"\n"):
         raise LedgerError(f"{path}: the last line is incomplete (a write was interrupted); run "
                           f"`kfoundry provenance verify {path.parent}` and repair the file before recording more")
-    lines = data.decode("utf-8").splitlines()
-    return len(lines), lines[-1]
+    return data.decode("utf-8").splitlines()
 
 
 def record(run_dir: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
     """Append one entry to RUN_DIR/ledger.jsonl and return it (with its `hash`, which later entries point at).
 
-    Refuses to append after a last line that does not parse or whose hash is wrong: chaining onto a damaged
-    line would bless it.
+    Refuses to append after a last line that does not parse or whose hash is wrong, or to a ledger shorter than
+    its head file says: chaining onto a damaged or cut ledger would bless it.
     """
     if not kind or not isinstance(kind, str):
         raise LedgerError("a ledger entry needs a kind")
@@ -105,22 +161,31 @@ def record(run_dir: str | Path, kind: str, **fields: Any) -> dict[str, Any]:
         raise LedgerError(f"fields {clash} are reserved for the ledger itself")
     path = ledger_path(run_dir)
     with _locked(path) as fd:
-        n, last = _last_line(path)
+        lines = _complete_lines(path)
+        n = len(lines)
         prev = None
-        if last is not None:
+        if lines:
             try:
-                tail = json.loads(last)
+                tail = json.loads(lines[-1])
             except json.JSONDecodeError as e:
                 raise LedgerError(f"{path} line {n}: not valid JSON ({e}); refusing to append") from None
-            if tail.get("hash") != entry_hash(tail):
+            if not isinstance(tail, dict) or tail.get("hash") != entry_hash(tail):
                 raise LedgerError(f"{path} line {n}: its content does not match its hash; refusing to append")
             prev = tail["hash"]
+        # A ledger from before head files has none yet: it gets one below. One that is shorter than its head, or
+        # ends differently, was cut or rewritten.
+        cut = check_head(run_dir, lines) if read_head(run_dir) is not None else []
+        if cut:
+            raise LedgerError(f"{cut[0]}; refusing to append")
         entry: dict[str, Any] = {"seq": n, "kind": kind,
                                  "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                                  "prev": prev, **_jsonable(fields)}
         entry["hash"] = entry_hash(entry)
         os.write(fd, json.dumps(entry, ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n")
         os.fsync(fd)
+        # Still under the lock, so heads follow appends in order. A crash right here leaves the head one line
+        # behind, which `check_head` accepts.
+        atomic_write_json(head_path(run_dir), {"lines": n + 1, "hash": entry["hash"]})
     return entry
 
 
@@ -139,7 +204,8 @@ def read(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def check_chain(run_dir: str | Path) -> list[str]:
-    """Problems with the chain itself, first broken link first; an empty list means every link holds.
+    """Problems with the chain itself, first broken link first, then its end against `ledger.head.json`; an empty
+    list means every link holds and nothing was cut off the end.
 
     Each message names the line (1-based, as an editor shows it) and what is wrong with it.
     """
@@ -172,7 +238,16 @@ def check_chain(run_dir: str | Path) -> list[str]:
             problems.append(f"{where}: 'prev' does not point at line {number - 1} "
                             "(a line before it was removed, inserted, reordered or edited)")
         prev_hash = entry.get("hash")
-    return problems
+    complete = data.decode("utf-8", errors="replace").splitlines()
+    if data and not data.endswith(b"\n"):
+        complete = complete[:-1]  # a torn last line is reported above, and is not what the head counted
+    return problems + check_head(run_dir, complete)
+
+
+def lines_of(run_dir: str | Path) -> list[str]:
+    """The ledger's lines as stored (for checks that point at a line by number)."""
+    path = ledger_path(run_dir)
+    return path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
 
 
 def head(run_dir: str | Path) -> str | None:

@@ -18,19 +18,28 @@ Where a checkpoint's ledger lives: a checkpoint inside a run (`RUN/ckpt/step-N`)
 a stand-alone checkpoint directory (an up-scaled, merged or imported model) records into its own `ledger.jsonl`.
 A derivation's parent is referenced by path, weights hash and, when the parent's ledger has it, by the hash of
 the parent's ledger entry, so lineage can be followed from ledger to ledger.
+
+Each recorded checkpoint also carries the line that recorded it, in `ledger_entry.json` (a file of the provenance
+layer, written after the checkpoint is complete and therefore not in its manifest):
+
+    {"ledger": "../../ledger.jsonl", "line": 4, "hash": "<that line's hash>"}
+
+A hash chain cannot see lines cut off its end; the checkpoint can (`verify.check_mark`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from kfoundry.fileio import read_json, sha256_bytes, sha256_file
+from kfoundry.fileio import atomic_write_json, read_json, sha256_bytes, sha256_file
 from kfoundry.provenance import ledger
 
 MANIFEST = "manifest.json"
+MARK = "ledger_entry.json"  # in a checkpoint directory: the ledger line that recorded it
 ROOT_KINDS = ("init", "derivation")
 # meta.json keys that say *how* a checkpoint relates to its parents; everything else is kept as details.
 _LINK_KEYS = ("stage", "parent", "parents", "final", "format", "derived_from_external", "external_source")
@@ -295,6 +304,7 @@ def record_checkpoint(ckpt: str | Path, *, run_dir: str | Path | None = None, **
     manifest_sha = sha256_file(manifest)
     same = find_checkpoint_entry(run_dir, ckpt, manifest_sha)
     if same is not None:
+        write_mark(ckpt, run_dir, same)
         return same
     meta = read_meta(ckpt)
     state = read_json(ckpt / "trainer_state.json") if (ckpt / "trainer_state.json").is_file() else {}
@@ -306,10 +316,33 @@ def record_checkpoint(ckpt: str | Path, *, run_dir: str | Path | None = None, **
     if pred is None:
         pred = record_derivation(run_dir, stage, sources, meta=meta)
     data = _latest(entries, "data")
-    return ledger.record(run_dir, "checkpoint", stage=stage, **{"from": sources}, path=rel(run_dir, ckpt),
-                         step=step, tokens=state.get("tokens_seen"), weights_sha256=weights_digest(ckpt),
-                         manifest_sha256=manifest_sha, parent=pred["hash"],
-                         data=data["hash"] if data else None, **extra)
+    entry = ledger.record(run_dir, "checkpoint", stage=stage, **{"from": sources}, path=rel(run_dir, ckpt),
+                          step=step, tokens=state.get("tokens_seen"), weights_sha256=weights_digest(ckpt),
+                          manifest_sha256=manifest_sha, parent=pred["hash"],
+                          data=data["hash"] if data else None, **extra)
+    write_mark(ckpt, run_dir, entry)
+    return entry
+
+
+def write_mark(ckpt: Path, run_dir: Path, entry: dict[str, Any]) -> None:
+    """Write MARK into the checkpoint: which ledger line recorded it (the ledger's path relative to the
+    checkpoint, so a moved run still checks)."""
+    mark = {"ledger": Path(os.path.relpath(ledger.ledger_path(run_dir), ckpt)).as_posix(),
+            "line": entry["seq"] + 1, "hash": entry["hash"]}
+    path = Path(ckpt) / MARK
+    if not path.is_file() or read_mark(ckpt) != mark:
+        atomic_write_json(path, mark)
+
+
+def read_mark(ckpt: str | Path) -> dict[str, Any] | None:
+    """The checkpoint's MARK, or None when it has none (or it does not hold a ledger, a line and a hash)."""
+    try:
+        mark = read_json(Path(ckpt) / MARK)
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(mark, dict) and isinstance(mark.get("ledger"), str) and isinstance(mark.get("line"), int) \
+        and isinstance(mark.get("hash"), str)
+    return mark if ok else None
 
 
 def record_derivation(run_dir: str | Path, stage: str, sources: list[str], *, meta: dict[str, Any] | None = None,

@@ -7,7 +7,8 @@ from typing import Any
 
 
 def speedrun_provenance(ckpt: str | Path, run_dir: str | Path) -> dict[str, Any]:
-    """Export CKPT to RUN/export/hf (the model card is written into it), verify its lineage; report fields.
+    """Export CKPT to RUN/export/hf (the model card is written into it), verify the run and CKPT's lineage; report
+    fields.
 
     A model Hugging Face Llama cannot represent (QK-norm) gets its card at RUN/model_card/README.md instead.
     """
@@ -25,7 +26,9 @@ def speedrun_provenance(ckpt: str | Path, run_dir: str | Path) -> dict[str, Any]
     except ValueError:
         export_dir = None
         card = write_model_card(ckpt, run_dir / "model_card")
-    report = verify(ckpt)
+    # The whole run, not only this checkpoint: the SFT run in RUN/sft, the GGUF file and the export just written
+    # are checked too (its lineage is the newest checkpoint of RUN's own ledger, i.e. CKPT).
+    report = verify(run_dir)
     return {"provenance": {"checkpoint": str(ckpt), "ok": report.ok, "origin": report.origin,
                            "problems": report.problems, "lineage": format_lineage(report.lineage),
                            "model_card": str(card), "export_hf": str(export_dir) if export_dir else None,

@@ -3,11 +3,16 @@ this model come from?
 
 Three checks, each naming the first thing that is wrong:
 
-1. **The chain** of every ledger on the way (`ledger.check_chain`): an edited, removed, inserted or reordered line.
+1. **The chain** of every ledger on the way (`ledger.check_chain`): an edited, removed, inserted or reordered line,
+   and lines cut off the end (against `ledger.head.json`, and against the line each checkpoint carries in
+   `ledger_entry.json`).
 2. **The files** every entry points at: each shard of a `data` entry, each checkpoint (its manifest against the
    ledger, then every file against the manifest), each exported file. A file that is *present with another hash*
    is a failure. A file that is *gone* is reported but is not a failure: old checkpoints are pruned by design
    (`train.keep_last`), and the ledger still proves what they held. The checkpoint being verified must exist.
+   Verifying a run directory also looks at everything *in* it: every ledger below it (the `sft/`, `dpo/`,
+   `distill/` runs a speedrun or a user puts there), every checkpoint directory and every export (a Hugging Face
+   directory, a `.gguf` file). One that no ledger records is a failure: nothing could show it was not swapped.
 3. **The initialisation**, when it is small enough to redo (<= 50M parameters on CPU): the recorded config and
    seed are used to build the starting weights again and their hash is compared with the recorded one. That
    turns "trained from random initialisation" from a claim into something anyone can check.
@@ -19,14 +24,15 @@ import), or an unrecorded origin. Links recorded in a ledger are hash-checked; a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kfoundry.fileio import sha256_file
 from kfoundry.provenance import ledger
-from kfoundry.provenance.record import (MANIFEST, find_checkpoint_entry, resolve_in, run_dir_of, state_digest,
-                                        weights_digest)
+from kfoundry.provenance.record import (MANIFEST, MARK, find_checkpoint_entry, read_mark, resolve_in, run_dir_of,
+                                        state_digest, weights_digest)
 
 REDERIVE_MAX_PARAMS = 50_000_000
 MAX_DEPTH = 10_000  # lineage steps; a cycle in hand-edited metadata must not hang the walk
@@ -59,6 +65,7 @@ class Report:
     missing: list[str] = field(default_factory=list)  # files the ledger names that are gone (not a failure)
     notes: list[str] = field(default_factory=list)
     ledgers: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)  # checkpoints and exports found in a run directory, all checked
     lineage: list[Node] = field(default_factory=list)  # the checkpoint first, its origin last
 
     @property
@@ -72,7 +79,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "checkpoint": self.checkpoint, "ok": self.ok, "origin": self.origin,
                 "problems": self.problems, "missing": self.missing, "notes": self.notes, "ledgers": self.ledgers,
-                "lineage": [n.to_dict() for n in self.lineage]}
+                "checked": self.checked, "lineage": [n.to_dict() for n in self.lineage]}
 
 
 def origin_of(nodes: list[Node]) -> str | None:
@@ -126,6 +133,32 @@ def check_checkpoint_files(ckpt: Path, recorded: dict[str, Any] | None = None) -
     return problems
 
 
+def check_mark(ckpt: Path, *, recorded: bool = True) -> list[str]:
+    """Problems with the ledger line a checkpoint carries (MARK): that line must still be in the ledger, unchanged.
+
+    This is what sees a ledger cut back to before a checkpoint was recorded, even when the head file was
+    rewritten to match the cut: the checkpoint, written elsewhere, still names its line. A checkpoint the ledger
+    records must carry its mark; one it does not (`recorded=False`) is checked only if it carries one.
+    """
+    mark = read_mark(ckpt)
+    if mark is None:
+        return [] if not recorded else [
+            f"{ckpt / MARK}: missing or unreadable (kfoundry writes it when it records a checkpoint, so that a "
+            "ledger cut before that line is seen)"]
+    path = (Path(ckpt) / mark["ledger"]).resolve()
+    if path.name != ledger.LEDGER_NAME or not path.is_file():
+        return [f"{ckpt}: recorded at line {mark['line']} of {path}, which does not exist (the checkpoint was copied "
+                "or moved away from its run, or the ledger was deleted)"]
+    lines = ledger.lines_of(path.parent)
+    if mark["line"] > len(lines):
+        return [f"{path}: {len(lines)} line(s), but {ckpt} was recorded at line {mark['line']}: lines were cut off "
+                "the end"]
+    if ledger.line_hash(lines[mark["line"] - 1]) != mark["hash"]:
+        return [f"{path} line {mark['line']}: not the entry that recorded {ckpt} (hash {_short(mark['hash'])}); the "
+                "ledger was rewritten"]
+    return []
+
+
 def _check_files(run_dir: Path, base: str, files: dict[str, str], entry: dict[str, Any], report: Report) -> None:
     for name, digest in files.items():
         path = resolve_in(run_dir, base) / name
@@ -150,6 +183,7 @@ def check_entry_files(run_dir: Path, entry: dict[str, Any], report: Report) -> N
         if latest is not None and latest.get("hash") != entry.get("hash"):
             return  # superseded: the directory was rewritten later (a resumed run) and the later entry is checked
         report.problems.extend(check_checkpoint_files(path, entry))
+        report.problems.extend(check_mark(path))
     elif kind == "export" and isinstance(entry.get("out"), str):
         out = resolve_in(run_dir, entry["out"])
         files = entry.get("files") or {}
@@ -352,8 +386,68 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
+def _is_checkpoint(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / MANIFEST).is_file()
+
+
+def _is_hf_export(d: Path) -> bool:
+    return (d / "config.json").is_file() and (d / "model.safetensors").is_file() and not (d / MANIFEST).is_file()
+
+
+def artefacts_in(run_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(ledger directories, checkpoint directories, exports) anywhere under RUN_DIR, in path order.
+
+    Hidden entries are skipped: '.tmp-*' / '.old-*' are the halves of an atomic write, never artefacts.
+    """
+    ledgers, ckpts, exports = [], [], []
+    for here, dirs, files in os.walk(run_dir):
+        d = Path(here)
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        if ledger.LEDGER_NAME in files:
+            ledgers.append(d)
+        if d != run_dir and (_is_checkpoint(d) or _is_hf_export(d)):
+            (ckpts if _is_checkpoint(d) else exports).append(d)
+            dirs[:] = []  # a checkpoint's or export's own files are checked through its manifest or ledger entry
+            continue
+        exports += [d / f for f in sorted(files) if f.endswith(".gguf") and not f.startswith(".")]
+    return ledgers, ckpts, exports
+
+
+def _recorded_exports(report: Report) -> set[Path]:
+    out = set()
+    for rd in report.ledgers:
+        for e in ledger.read(rd):
+            if e.get("kind") == "export" and isinstance(e.get("out"), str):
+                out.add(resolve_in(Path(rd), e["out"]).resolve())
+    return out
+
+
+def check_run_contents(run_dir: Path, report: Report, *, rederive: bool = True) -> None:
+    """Every ledger, checkpoint and export under RUN_DIR: ledgers are checked like the run's own, and each
+    checkpoint or export must be recorded in one (and then matches it, see `check_entry_files`)."""
+    ledgers, ckpts, exports = artefacts_in(run_dir)
+    for rd in ledgers:
+        check_ledger(rd, report, rederive=rederive)
+    for ckpt in ckpts:
+        rd = run_dir_of(ckpt)
+        if ledger.ledger_path(rd).is_file():
+            check_ledger(rd, report, rederive=rederive)  # normally found above; not if the ledger is elsewhere
+        if find_checkpoint_entry(rd, ckpt) is None:
+            report.problems.append(f"{ckpt}: a checkpoint in the run that no ledger records (looked in "
+                                   f"{ledger.ledger_path(rd)})")
+            report.problems.extend(check_mark(ckpt, recorded=False))
+        report.checked.append(str(ckpt))
+    recorded = _recorded_exports(report)
+    for out in exports:
+        if out.resolve() not in recorded:
+            report.problems.append(f"{out}: an export in the run that no ledger records, so its bytes cannot be "
+                                   "checked")
+        report.checked.append(str(out))
+
+
 def verify(target: str | Path, *, rederive: bool = True) -> Report:
-    """Verify a run directory (its ledger, and the lineage of its newest checkpoint) or one checkpoint."""
+    """Verify a run directory (every ledger, checkpoint and export in it, and the lineage of its newest
+    checkpoint) or one checkpoint (its ledger and lineage)."""
     target = Path(target)
     if not target.exists():
         raise FileNotFoundError(f"no such run or checkpoint: {target}")
@@ -367,14 +461,16 @@ def verify(target: str | Path, *, rederive: bool = True) -> Report:
     report = Report(target=str(target), checkpoint=str(ckpt) if ckpt else None)
     if not is_ckpt:
         check_ledger(target, report, rederive=rederive)
+        check_run_contents(target, report, rederive=rederive)
     if ckpt is None:
         report.notes.append("the ledger records no checkpoint that still exists; no lineage to show")
         return report
     rd = run_dir_of(ckpt)
     recorded = find_checkpoint_entry(rd, ckpt) if ledger.ledger_path(rd).is_file() else None
-    if recorded is None:
+    if recorded is None and str(ckpt) not in report.checked:  # (a run's own checkpoints are judged above)
         report.problems.append(f"{ckpt}: not recorded in any ledger (looked in {ledger.ledger_path(rd)})")
         report.problems.extend(check_checkpoint_files(ckpt))
+        report.problems.extend(check_mark(ckpt, recorded=False))
     report.lineage = lineage(ckpt)
     for run_dir in [rd] * (recorded is not None) + _ledgers_in(report.lineage):
         check_ledger(run_dir, report, rederive=rederive)
@@ -398,6 +494,8 @@ def format_lineage(nodes: list[Node], indent: str = "") -> list[str]:
 
 def format_report(report: Report) -> str:
     lines = [f"provenance of {report.checkpoint or report.target}", ""]
+    if report.checked:
+        lines.append(f"checked {len(report.checked)} checkpoint(s) and export(s) found in {report.target}")
     if report.ok:
         lines.append(f"OK: {len(report.ledgers)} ledger(s) intact; every recorded file present matches its hash")
     else:
