@@ -75,7 +75,7 @@ def main() -> None:
         batch = S.collate(rows, pad_id=0)
         loss = S.packed_loss_sum(model, batch) / batch.n_targets
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     def step_old(rows):
         batch = S.collate(rows, pad_id=0)  # the same tensors; the mask below is what the old collate added
@@ -85,7 +85,7 @@ def main() -> None:
         loss = model(batch.x, batch.y, positions=batch.positions.clamp(min=0), attn_mask=mask,
                      reduction="sum") / batch.n_targets
         loss.backward()
-        return float(loss), mask_s
+        return float(loss.detach()), mask_s
 
     times = {"new": [], "old": []}
     mask_times, diffs = [], []
