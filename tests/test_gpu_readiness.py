@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,15 @@ def test_pretraining_and_sft_dispatch_to_fused_attention_on_cpu():
     report = json.loads(out.stdout)
     for path in ("pretrain", "sft"):
         assert report[path]["fused"] and not report[path]["math"], report
+
+
+def test_1b_recipe_states_its_true_size():
+    """recipes/1b-fsdp.yaml's first line names the parameter count; the model it builds has exactly that many."""
+    from kfoundry.config import resolve
+
+    recipe = ROOT / "recipes" / "1b-fsdp.yaml"
+    label = re.search(r"\(([\d,]+):", recipe.read_text().splitlines()[0]).group(1)
+    cfg = resolve(recipe=recipe)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    assert model.num_params() == int(label.replace(",", "")) and f"{model.num_params() / 1e9:.3f}B" == "0.946B"

@@ -22,9 +22,10 @@ runs per document:
 
 - on an Ampere-or-newer GPU in bf16/fp16, one `torch.nn.attention.varlen.varlen_attn` call: FlashAttention-2's
   varlen kernel, causal, with native GQA. Its work is the sum of each document's square, not the row's square.
-- elsewhere (a CPU, fp32, or an older GPU), one causal SDPA call per document on a slice of the flattened batch:
-  the same arithmetic, a fused kernel for each document (the CPU's flash kernel; memory-efficient on a V100),
-  and no mask tensor at all.
+- elsewhere (a CPU, fp32, or an older GPU), the documents are gathered into a few padded batches, one per
+  power-of-two length bucket, and each runs plain causal SDPA: a fused kernel (the CPU's flash kernel;
+  memory-efficient on a V100), no mask tensor, and at most 4x each document's own square in work. (One SDPA call
+  per document would be exact but pays the kernel's fixed cost per document: slower than the dense mask on a CPU.)
 
 The offsets are computed on the host while a batch is collated (the loader knows every document's length), so
 no step waits for the device to tell it where the documents are. Padding at the end of a row is one more
@@ -34,6 +35,7 @@ segment of padding always has itself to attend to, so softmax never sees an empt
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -135,17 +137,44 @@ class DocumentMask:
         if _flash_varlen_runs(q):
             y = _varlen_causal(q, k, v, self.cu_seqlens, T, gqa)
         else:
-            y = torch.cat([_causal_one(q[a:b], k[a:b], v[a:b], gqa)
-                           for a, b in zip(self.bounds[:-1], self.bounds[1:])])
+            gather, shapes, scatter = self._buckets
+            parts = [t[gather].split([n * L for n, L in shapes]) for t in (q, k, v)]  # one gather per tensor
+            ys = []
+            for (n, L), qb, kb, vb in zip(shapes, *parts):  # a few fused causal SDPA calls, one per length bucket
+                qb, kb, vb = (t.view(n, L, -1, D).transpose(1, 2) for t in (qb, kb, vb))  # [N, H, L, D]
+                yb = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)
+                ys.append(yb.transpose(1, 2).reshape(n * L, H, D))
+            y = torch.cat(ys)[scatter]  # each real position back to its place in the batch
         return y.view(B, T, H, D)
 
+    @functools.cached_property
+    def _buckets(self) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+        """The documents as padded batches for plain causal SDPA, built once per mask (not once per layer).
 
-def _causal_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """One document: [n, H, D] -> causal SDPA -> [n, H, D]. The inputs get a batch dimension of 1 because the
-    fused kernels take only 4-D inputs; with 3-D ones SDPA falls back to the math kernel."""
-    y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                       is_causal=True, enable_gqa=gqa)
-    return y[0].transpose(0, 1)
+        Documents are grouped by length into power-of-two buckets, so a bucket pads each document to at most twice
+        its length and the work stays within 4x of each document's own square (one padded batch would pad every
+        chat turn to the longest document). Padding sits after a document's last token, so under a causal rule no
+        real query ever sees it; padded positions repeat that last token and their outputs are never read.
+        Returns the flat positions to gather (all buckets, each [N, L] row-major), the (N, L) of each bucket, and,
+        for every position of the batch, its row in the gathered order.
+        """
+        device = self.cu_seqlens.device
+        starts, lengths = self.bounds[:-1], [b - a for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+        groups: dict[int, list[int]] = {}
+        for i, n in enumerate(lengths):
+            groups.setdefault((n - 1).bit_length(), []).append(i)  # bucket = ceil(log2(n))
+        gathers, valids, shapes = [], [], []
+        for _, docs in sorted(groups.items()):
+            a = torch.tensor([starts[i] for i in docs])
+            n = torch.tensor([lengths[i] for i in docs])
+            j = torch.arange(int(n.max()))
+            gathers.append((a[:, None] + torch.minimum(j[None], n[:, None] - 1)).flatten())
+            valids.append((j[None] < n[:, None]).flatten())
+            shapes.append((len(docs), len(j)))
+        gather, valid = torch.cat(gathers), torch.cat(valids)
+        scatter = torch.empty(self.bounds[-1], dtype=torch.long)
+        scatter[gather[valid]] = torch.arange(len(gather))[valid]
+        return gather.to(device), shapes, scatter.to(device)
 
 
 def _flash_varlen_runs(q: torch.Tensor) -> bool:
