@@ -211,15 +211,15 @@ def validation_loss(model, examples: Sequence[Example], seq_len: int, batch_size
         return {}
     device = torch.device(device)
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one sync at the end
     for i, rows in enumerate(epoch_rows(examples, 0, 0, seq_len, batch_size, shuffle=False)):
         if max_batches and i >= max_batches:
             break
         batch = collate(rows, pad_id).to(device)
         with loop.autocast(device):
-            total += float(packed_loss_sum(model, batch))
+            total += packed_loss_sum(model, batch).double()
         count += batch.n_targets
-    return {"val_loss": total / count} if count else {}
+    return {"val_loss": float(total) / count} if count else {}
 
 
 # ----------------------------------------------------------------------------------------------- the run
