@@ -86,7 +86,7 @@ class DocumentMask:
 
     The documents (padding runs included) tile the flattened batch in order: document i covers flat positions
     cu_seqlens[i] .. cu_seqlens[i + 1] - 1, and no document crosses a row boundary. `bounds` is the same list
-    on the host, for the per-document path; `cu_seqlens` lives on the compute device, for the varlen kernel.
+    on the host, for the bucketed CPU path; `cu_seqlens` lives on the compute device, for the varlen kernel.
     """
 
     bounds: tuple[int, ...]  # host copy of cu_seqlens: 0, end of document 0, ..., B * T
