@@ -177,4 +177,5 @@ def test_packed_documents_take_no_cache():
     model = Transformer.build(CONFIGS["gqa-tied"], seed=0)
     mask = DocumentMask.from_lengths([[3, 5]], row_len=8)
     with pytest.raises(ValueError, match="no KV cache"):
-        model(torch.zeros(1, 8, dtype=torch.long), attn_mask=mask, cache=KVCache(model.cfg, 1, 16, "cpu", torch.float32))
+        model(torch.zeros(1, 8, dtype=torch.long), attn_mask=mask,
+              cache=KVCache(model.cfg, 1, 16, "cpu", torch.float32))

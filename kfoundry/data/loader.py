@@ -25,9 +25,9 @@ Epoch `e` visits the documents in the permutation drawn from `(seed, e)`. A step
 `batch_size * world_size` rows cut from that one stream; rank `r` owns rows `r, r + world_size, ...`. Every
 rank walks the same stream (for rows it does not own it only advances the position, copying nothing), so ranks
 never predict the same tokens, and the whole state between batches, *(epoch, document in the order, token in
-the document)*, is the same on every rank and does not depend on the world size. That is what lets a run saved with 2 ranks resume
-with 1 (or 4) and see exactly the global batches it would have seen, and why 2 ranks with `batch_size=4`
-train on the same data as 1 rank with `batch_size=8`. `state_dict()` is those three numbers plus what they
+the document)*, is the same on every rank and does not depend on the world size. That is what lets a run saved
+with 2 ranks resume with 1 (or 4) and see exactly the global batches it would have seen, and why 2 ranks with
+`batch_size=4` train on the same data as 1 rank with `batch_size=8`. `state_dict()` is those three numbers plus what they
 refer to; `load_state_dict` puts them back, after which the next batches are exactly the ones the saved loader
 would have produced next. Batch size, sequence length and world size are not part of the state.
 

@@ -1,8 +1,9 @@
 """Model FLOPs utilisation: achieved training FLOP/s over the device's peak.
 
 The peak is never assumed. CUDA cards are looked up by name in a table of published dense (no sparsity)
-bf16 and fp16 tensor-core peaks with fp32 accumulation (a card missing from the table has no MFU, only tokens/s); a CPU's peak is *measured* with a large fp32 matmul and cached, because CPU
-peaks vary with the core count, vector units, clocks and thread settings of the machine at hand.
+bf16 and fp16 tensor-core peaks with fp32 accumulation (a card missing from the table has no MFU, only
+tokens/s); a CPU's peak is *measured* with a large fp32 matmul and cached, because CPU peaks vary with the
+core count, vector units, clocks and thread settings of the machine at hand.
 
 A probe can only read low (a busy machine slows it down, nothing speeds it up), so the cache keeps the best
 probe ever measured for a key, and `checked_mfu` re-probes when a run proves the cached figure too low: MFU
