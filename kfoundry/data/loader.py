@@ -27,9 +27,9 @@ rank walks the same stream (for rows it does not own it only advances the positi
 never predict the same tokens, and the whole state between batches, *(epoch, document in the order, token in
 the document)*, is the same on every rank and does not depend on the world size. That is what lets a run saved
 with 2 ranks resume with 1 (or 4) and see exactly the global batches it would have seen, and why 2 ranks with
-`batch_size=4` train on the same data as 1 rank with `batch_size=8`. `state_dict()` is those three numbers plus what they
-refer to; `load_state_dict` puts them back, after which the next batches are exactly the ones the saved loader
-would have produced next. Batch size, sequence length and world size are not part of the state.
+`batch_size=4` train on the same data as 1 rank with `batch_size=8`. `state_dict()` is those three numbers plus
+what they refer to; `load_state_dict` puts them back, after which the next batches are exactly the ones the saved
+loader would have produced next. Batch size, sequence length and world size are not part of the state.
 
 Memory: the shard files are memory-mapped; only the per-document index (start, length) of the selected
 documents is held in RAM, about 20 bytes a document.
