@@ -132,7 +132,7 @@ def test_rope_permutation_matches_adjacent_pair_rotation():
     w = torch.randn(n_heads * head_dim, dim)
     x = torch.randn(dim)
     inv_freq = rope_inv_freq(head_dim, 10000.0)
-    cos, sin = rope_cos_sin(torch.tensor([[pos]]), inv_freq, torch.float32)
+    cos, sin = rope_cos_sin(torch.tensor([[pos]]), inv_freq)
     ours = apply_rope((w @ x).view(1, n_heads, 1, head_dim), cos, sin).reshape(-1)
 
     permuted = torch.from_numpy(permute_for_rope(w.numpy(), n_heads)) @ x

@@ -152,3 +152,30 @@ def test_multi_token_step_after_cache_equals_full_forward():
         first = model(seq[:, :8], cache=cache)
         rest = model(seq[:, 8:], cache=cache)
     assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-5)
+
+
+def test_rope_is_computed_in_fp32_whatever_the_activations_dtype():
+    """bf16 angles lose the low bits of large positions; the rotation runs in fp32 and only its result is cast."""
+    from kfoundry.model.llama import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half
+
+    cos, sin = rope_cos_sin(torch.arange(4096)[None], rope_inv_freq(64, 10000.0))
+    assert cos.dtype == sin.dtype == torch.float32
+    x = torch.randn(1, 4096, 2, 64, generator=torch.Generator().manual_seed(0)).bfloat16()  # [B, T, H, D]
+    got = apply_rope(x, cos, sin)
+    exact = apply_rope(x.float(), cos, sin)  # fp32 from end to end
+    assert got.dtype == torch.bfloat16 and torch.equal(got, exact.bfloat16())
+    bf16_angles = x * cos.bfloat16()[:, :, None] + rotate_half(x) * sin.bfloat16()[:, :, None]  # the old cast
+    # ours is the correctly rounded fp32 result, so no element is further from it than the old bf16 arithmetic's
+    assert ((got.float() - exact).abs() <= (bf16_angles.float() - exact).abs()).all()
+    assert (bf16_angles != got).float().mean() > 0.01
+
+
+def test_packed_documents_take_no_cache():
+    from kfoundry.model.llama import KVCache
+    from kfoundry.model.masks import DocumentMask
+
+    model = Transformer.build(CONFIGS["gqa-tied"], seed=0)
+    mask = DocumentMask.from_lengths([[3, 5]], row_len=8)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(torch.zeros(1, 8, dtype=torch.long), attn_mask=mask,
+              cache=KVCache(model.cfg, 1, 16, "cpu", torch.float32))

@@ -209,22 +209,22 @@ def test_lang_codes_from_reader_tags() -> None:
 # Loader
 
 
-def test_rows_start_at_bos_and_pack_whole_documents(shard_dir: Path, tok: KTokenizer) -> None:
-    docs = [d.tolist() for d in read_documents(shard_dir, "train")]
-    whole = {tuple(d) for d in docs}
+def test_rows_are_consecutive_windows_of_the_document_stream(shard_dir: Path, tok: KTokenizer) -> None:
+    """No token is cropped: the rows, each overlapping the next by one token, spell out the shuffled documents
+    one after another (a document longer than a row continues in the next row)."""
     loader = PackedLoader(shard_dir, "train", batch_size=4, seq_len=64, seed=3)
+    docs = {i: d.tolist() for i, d in enumerate(read_documents(shard_dir, "train"))}
+    stream = [t for e in range(2) for i in loader.documents(e) for t in docs[int(i)]]
+    assert stream[0] == tok.bos_id
     it = iter(loader)
+    at = 0
     for _ in range(20):
         x, y = next(it)
         assert x.shape == y.shape == (4, 64) and x.dtype == y.dtype == torch.int64
         assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
         for row_x, row_y in zip(x, y):
-            row = torch.cat([row_x, row_y[-1:]])
-            assert row[0] == tok.bos_id
-            parts = segments(row, tok.bos_id)
-            for seg in parts[:-1]:  # every document but the last is complete
-                assert tuple(seg) in whole
-            assert any(d[: len(parts[-1])] == parts[-1] for d in docs)  # the last is a cropped prefix
+            assert torch.cat([row_x, row_y[-1:]]).tolist() == stream[at : at + 65]
+            at += 64  # the next row starts with this row's last token
 
 
 def test_resume_gives_the_same_batches_across_epochs(shard_dir: Path) -> None:
@@ -236,12 +236,13 @@ def test_resume_gives_the_same_batches_across_epochs(shard_dir: Path) -> None:
     for _ in range(5):
         next(it)
     state = json.loads(json.dumps(ref.state_dict()))  # survives a trip through trainer_state.json
-    expected = [next(it) for _ in range(40)]
-    assert ref.epoch >= 2  # the 40 batches cross epoch boundaries
+    expected = []
+    while ref.epoch < 2:  # across two epoch boundaries
+        expected.append(next(it))
 
     resumed = make()
     resumed.load_state_dict(state)
-    got = list(zip(range(40), resumed))
+    got = list(zip(range(len(expected)), resumed))
     for (xe, ye), (_, (xg, yg)) in zip(expected, got):
         assert torch.equal(xe, xg) and torch.equal(ye, yg)
     # A different batch size may resume from the same document position.
@@ -322,21 +323,18 @@ def test_one_pass_ends_and_repeats(shard_dir: Path, tok: KTokenizer) -> None:
     second = list(loader)
     assert first and len(first) == len(second)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
-    # Rows = how many times the documents, in order, fill seq_len+1 tokens, plus one padded row for the rest.
-    lengths = [int(n) for n in loader._lengths[loader.documents(0)]]
-    rows, filled = 0, 0
-    for n in lengths:
-        filled += n
-        if filled >= 41:
-            rows, filled = rows + 1, 0
-    assert sum(x.shape[0] for x, _ in first) == rows + (filled > 0)
+    # The pass is one stream of every document's tokens, cut into rows of 40 targets that overlap by one token:
+    # every token but the first is predicted exactly once, and only the last row is padded.
+    total = int(loader._lengths.sum())
+    rows = -(-(total - 1) // 40)
+    assert sum(x.shape[0] for x, _ in first) == rows
     assert all(x.shape[0] == 4 for x, _ in first[:-1])
-    # Padding only in the last row: targets -1 exactly where the row has no document tokens.
+    assert sum(int((y >= 0).sum()) for _, y in first) == total - 1
     x, y = first[-1]
     assert (y[:-1] >= 0).all() and (x[:-1] != tok.pad_id).all()
     pad = int((y[-1] == -1).sum())
-    assert pad == 41 - filled and (x[-1, 41 - pad :] == tok.pad_id).all()
-    assert y[-1, 40 - pad] == -1 and y[-1, 39 - pad] == tok.eos_id  # after the last EOS nothing is predicted
+    assert pad == 40 * rows - (total - 1) and (x[-1, 41 - pad :] == tok.pad_id).all()
+    assert y[-1, 39 - pad] == tok.eos_id  # the pass ends on the last document's EOS
 
 
 def test_tiny_validation_split_still_yields(tmp_path: Path, tok: KTokenizer) -> None:

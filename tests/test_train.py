@@ -84,7 +84,7 @@ def test_determinism_and_loss_falls(prepared, tmp_path):
     assert same(a, b) and not same(a, c)
     metrics = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m and m.get("event") is None]
-    assert losses[-1] < losses[0] - 0.5
+    assert losses[-1] < losses[0] - 0.25  # 24 steps; rows now run through whole documents, not their openings
     ev = results[0]["eval"]
     assert math.isfinite(ev["val_bpb"]) and ev["val_bpb"] > 0
     assert {"val_bpb_ko", "val_bpb_en"} <= ev.keys()  # the starter corpus has both languages

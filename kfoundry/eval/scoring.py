@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kfoundry.model import masks
 from kfoundry.model.llama import Transformer, rope_cos_sin
 
 
@@ -100,7 +101,7 @@ def hidden_states(model: Transformer, idx: torch.Tensor, positions: torch.Tensor
     """The final-norm hidden states [B, T, dim]: `Transformer.forward` without the output head, so the head can
     be applied to the scored positions only (see the module docstring)."""
     x = model.model.embed_tokens(idx)
-    cos, sin = rope_cos_sin(positions, model.inv_freq, x.dtype)
+    cos, sin = rope_cos_sin(positions, model.inv_freq)
     for block in model.model.layers:
         x = block(x, cos, sin, attn_mask, None)
     return model.model.norm(x)
@@ -133,16 +134,6 @@ def _layout(batch: list[Group], device: torch.device):
     return idx.to(device), pos.to(device), seg.to(device), scored
 
 
-def _mask(seg: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] boolean: causal, and across segments only towards the shared context (segment 0)."""
-    T = seg.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-    q, k = seg[:, :, None], seg[:, None, :]
-    allowed = causal & ((k == 0) | (k == q)) & (k >= 0)
-    allowed |= torch.eye(T, dtype=torch.bool, device=seg.device)  # padding rows see themselves (no empty softmax)
-    return allowed[:, None]
-
-
 @torch.inference_mode()
 def score(model: Transformer, requests: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_len: int | None = None,
           token_budget: int = 8192, max_rows: int = 64,
@@ -161,7 +152,7 @@ def score(model: Transformer, requests: Sequence[tuple[Sequence[int], Sequence[i
         shared = any(len(g.members) > 1 for g in batch)
         # One continuation per row: right padding never reaches a real token under a causal mask, so the fast
         # causal attention path needs no mask at all. Shared contexts need the segment mask.
-        mask = _mask(seg) if shared else None
+        mask = masks.shared_context(seg) if shared else None
         h = hidden_states(model, idx, pos, mask).flatten(0, 1)
         flat = torch.tensor([r for _, rows, _ in scored for r in rows], device=device)
         logp = F.log_softmax(model.lm_head(h[flat]).float(), dim=-1)

@@ -133,7 +133,7 @@ class SequenceDecoder:
         # Keys and values of a layer in one tensor [2, n_kv_heads, max_len, head_dim]: one copy writes both.
         self.kv = [torch.zeros(2, cfg.n_kv_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
         # Rotary factors as unit complex numbers per position, from the same cos/sin the general forward uses.
-        cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq, torch.float32)
+        cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq)
         half = cfg.head_dim // 2
         self.rot = torch.complex(cos[0, :, :half], sin[0, :, :half])  # [max_len, head_dim / 2]
 

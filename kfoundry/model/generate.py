@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from kfoundry.model import masks
 from kfoundry.model.decode import SequenceDecoder
 from kfoundry.model.llama import KVCache, Transformer
 
@@ -99,11 +100,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     else:
         cache = KVCache(model.cfg, B, total, device, dtype)
         # Prefill: causal within the prompt, and never attend to padding.
-        mask = None
-        if padded:
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            mask = causal[None, None] & valid[:, None, None, :]
-            mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]  # pad rows attend to themselves
+        mask = masks.left_padded_causal(valid) if padded else None
         logits = model(idx, positions=positions, attn_mask=mask, cache=cache)[:, -1]
         next_pos = lengths.clone()
         key_valid = valid
@@ -113,7 +110,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
             step_mask = None
             if padded:  # keys: the prompt's real positions plus every generated one
                 key_valid = torch.cat([key_valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-                step_mask = key_valid[:, None, None, :]
+                step_mask = masks.key_padding(key_valid)
             out = model(tok[:, None], positions=next_pos[:, None], attn_mask=step_mask, cache=cache)[:, -1]
             next_pos = next_pos + 1
             return out

@@ -10,7 +10,12 @@ Architectural choices (each is the Llama-2/3 default unless noted):
 - No biases anywhere; optional tied input/output embeddings (saves vocab x dim parameters on small models).
 - Optional QK-norm (RMSNorm over each head of q and k, as in OLMo-2 / Qwen-3) for training stability at high
   learning rates. Hugging Face Llama has no such weights, so a QK-norm model cannot be exported as Llama.
-- Attention through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels where available).
+- Rotary embeddings are computed and applied in fp32 whatever the activations' dtype: in bf16, positions past
+  a few hundred lose the low bits of their angle, so the same token pair would rotate differently on one GPU
+  (autocast) and under FSDP's bf16 parameters. Only the rotated q and k are cast back.
+- Attention through PyTorch's scaled_dot_product_attention with `is_causal` (flash / memory-efficient / cuDNN
+  kernels where available). Packed documents (SFT) pass a `masks.DocumentMask`, which keeps fused kernels too
+  (FlashAttention's variable-length kernel on a GPU); the dense masks of batched inference also come from masks.py.
 
 Parameter names map 1:1 onto Hugging Face `LlamaForCausalLM` (`model.layers.3.self_attn.q_proj.weight`, ...),
 so export and import are renames-free. The model knows nothing about parallelism or checkpoints: sharding,
@@ -30,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfoundry.config import ModelConfig
+from kfoundry.model import masks
 
 
 class RMSNorm(nn.Module):
@@ -51,11 +57,11 @@ def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape [B, T, head_dim] for integer positions [B, T] (HF layout: the two halves repeat)."""
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2], computed in fp32
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin of shape [B, T, head_dim] for integer positions [B, T] (HF layout: the two halves repeat)."""
+    freqs = positions.float()[..., None] * inv_freq.float()  # [B, T, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +70,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, H, T, D]; cos/sin: [B, T, D] -> broadcast over heads
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+    """Rotate x [B, T, H, D] by the fp32 angles cos/sin [B, T, D] (broadcast over heads), in fp32; the result
+    has x's dtype."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -111,8 +119,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [B, T, H, D]
+        if isinstance(attn_mask, masks.DocumentMask):  # packed documents: attention within each, fused kernels kept
+            return self.o_proj(attn_mask.attend(q, k, v).reshape(B, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # GQA: each kv head serves n_heads / n_kv_heads query heads. enable_gqa lets SDPA broadcast the shared
@@ -121,8 +131,8 @@ class Attention(nn.Module):
         S = k.shape[2]
         if attn_mask is None and 1 < T < S:
             # Several new tokens after a non-empty cache: SDPA's is_causal aligns the mask top-left, but our
-            # queries are the *last* T positions, so build the bottom-right aligned causal mask explicitly.
-            attn_mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            # queries are the *last* T positions.
+            attn_mask = masks.causal(T, S, x.device)
         if attn_mask is None:
             # Causal when queries and keys line up (training, or a prefill into an empty cache);
             # a single decode step may attend to every cached position.
@@ -221,14 +231,17 @@ class Transformer(nn.Module):
         """Logits [B, T, V], or the cross-entropy loss when `targets` is given (ignore_index = -1).
 
         positions: [B, T] integer positions (default: 0..T-1, offset by the cache length).
-        attn_mask: boolean [B, 1, T, S] (True = may attend), needed only for padded batches.
+        attn_mask: None (causal), a boolean [B, 1, T, S] tensor (True = may attend; padded inference batches),
+            or a `masks.DocumentMask` (documents packed into rows, no cache).
         """
         B, T = idx.shape
+        if cache is not None and isinstance(attn_mask, masks.DocumentMask):
+            raise ValueError("packed documents (DocumentMask) are a training layout; they take no KV cache")
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
         x = self.model.embed_tokens(idx)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
         for block in self.model.layers:
             x = block(x, cos, sin, attn_mask, cache)
         if cache is not None:

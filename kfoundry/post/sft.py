@@ -5,12 +5,12 @@
 
 Choices, and why:
 
-- **Packing with per-conversation attention masks** (not padding). Chat examples are short and uneven (10 to 250
+- **Packing with per-conversation attention** (not padding). Chat examples are short and uneven (10 to 250
   tokens); padding each to the longest would spend most of the compute on pad tokens. Conversations are packed
-  greedily into rows of `train.seq_len` tokens; a block-diagonal causal mask keeps each one from seeing the others,
-  and position ids restart at 0 for each, so a packed conversation computes exactly what it would alone (the test
-  proves it). The cost: a dense [T, T] mask sends attention down PyTorch's general SDPA path instead of the fused
-  causal kernel, which matters at long sequence lengths on GPUs, not for chat rows of a few hundred tokens.
+  greedily into rows of `train.seq_len` tokens; each attends causally to itself only, and position ids restart at
+  0 for each, so a packed conversation computes exactly what it would alone (the test proves it). The rule travels
+  as the conversations' lengths (`model.masks.DocumentMask`), not as a dense [T, T] mask: on a GPU attention stays
+  in a fused variable-length flash kernel, and its cost is the sum of each conversation's square, not the row's.
 - **Loss only on assistant tokens**: the targets are -1 (ignored) except where the next token is assistant content
   or the end-of-turn token that closes it (`chat_format.render`). The step loss is the mean over those tokens.
 - **Whole conversations or nothing**: a conversation longer than `train.seq_len + 1` tokens is left out and
@@ -29,7 +29,7 @@ import hashlib
 import math
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import DataConfig, RunConfig, TrainConfig, from_dict, parse_override, preset
 from kfoundry.errors import ConfigError
 from kfoundry.model.llama import Transformer
+from kfoundry.model.masks import DocumentMask
 from kfoundry.post.chat_format import render_many
 from kfoundry.post.data import Chat, LoadStats, load_chats, load_split_encode
 from kfoundry.post.runner import batches_per_step, derived_max_steps, open_post_run
@@ -151,56 +152,44 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
 
 @dataclass
 class PackedBatch:
+    """A collated batch of packed conversations, with its token counts known on the host (no device sync)."""
+
     x: torch.Tensor  # [B, T] input ids (pad after the last conversation of a row)
     y: torch.Tensor  # [B, T] targets, -1 = no loss
-    positions: torch.Tensor  # [B, T] restart at 0 for each conversation
-    attn_mask: torch.Tensor  # [B, 1, T, T] True = may attend (same conversation, not in the future)
-
-    @property
-    def n_targets(self) -> int:
-        return int((self.y >= 0).sum())
-
-    @property
-    def n_tokens(self) -> int:
-        return int((self.positions >= 0).sum())
+    positions: torch.Tensor  # [B, T] restart at 0 for each conversation, -1 on padding
+    attn_mask: DocumentMask  # the conversations' boundaries: each attends causally to itself only
+    n_targets: int  # assistant targets (the loss's denominator)
+    n_tokens: int  # real (non-pad) input tokens
 
     def to(self, device) -> PackedBatch:
-        return PackedBatch(*(t.to(device, non_blocking=True) for t in (self.x, self.y, self.positions,
-                                                                         self.attn_mask)))
-
-
-def block_causal_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[B, T] segment ids (-1 = padding) -> [B, 1, T, T] boolean mask: causal within a segment, nothing across.
-
-    A padding position may attend only to itself: a query row with nothing to attend to would make softmax
-    return NaN, which would then leak into the gradients through 0 * NaN.
-    """
-    T = segments.shape[1]
-    same = segments[:, :, None] == segments[:, None, :]
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    mask = same & causal & (segments[:, :, None] >= 0)
-    mask |= torch.eye(T, dtype=torch.bool, device=segments.device) & (segments[:, :, None] < 0)
-    return mask[:, None]
+        return replace(self, x=self.x.to(device, non_blocking=True), y=self.y.to(device, non_blocking=True),
+                       positions=self.positions.to(device, non_blocking=True), attn_mask=self.attn_mask.to(device))
 
 
 def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> PackedBatch:
-    """Rows of conversations -> padded tensors (to the longest row of this batch, not to seq_len)."""
-    T = max(sum(len(ex.ids) - 1 for ex in row) for row in rows)
+    """Rows of conversations -> padded tensors (to the longest row of this batch, not to seq_len).
+
+    The attention rule is the list of conversation lengths per row (`DocumentMask`), never a [B, T, T] matrix:
+    the model turns it into one variable-length attention call on a GPU, so fused kernels stay in use.
+    """
+    lengths = [[len(ex.ids) - 1 for ex in row] for row in rows]
+    T = max(sum(row) for row in lengths)
     B = len(rows)
     x = torch.full((B, T), pad_id, dtype=torch.long)
     y = torch.full((B, T), -1, dtype=torch.long)
     pos = torch.full((B, T), -1, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)
+    n_targets = 0
     for b, row in enumerate(rows):
         at = 0
-        for s, ex in enumerate(row):
+        for ex in row:
             n = len(ex.ids) - 1
             x[b, at:at + n] = torch.tensor(ex.inputs)
             y[b, at:at + n] = torch.tensor(ex.targets)
             pos[b, at:at + n] = torch.arange(n)
-            seg[b, at:at + n] = s
+            n_targets += sum(ex.mask[1:])  # the targets that are not -1
             at += n
-    return PackedBatch(x, y, pos, block_causal_mask(seg))
+    return PackedBatch(x, y, pos, DocumentMask.from_lengths(lengths, T), n_targets=n_targets,
+                       n_tokens=sum(map(sum, lengths)))
 
 
 def epoch_rows(examples: Sequence[Example], epoch: int, seed: int, seq_len: int, batch_size: int,
@@ -216,7 +205,7 @@ def epoch_rows(examples: Sequence[Example], epoch: int, seed: int, seq_len: int,
 
 def packed_loss_sum(model, batch: PackedBatch) -> torch.Tensor:
     """Summed cross-entropy over the assistant targets of a packed batch."""
-    pos = batch.positions.clamp(min=0)  # padding positions: any valid position, they are masked anyway
+    pos = batch.positions.clamp(min=0)  # padding positions: any valid position, nothing reads their outputs
     return model(batch.x, batch.y, positions=pos, attn_mask=batch.attn_mask, reduction="sum")
 
 
@@ -228,15 +217,15 @@ def validation_loss(model, examples: Sequence[Example], seq_len: int, batch_size
         return {}
     device = torch.device(device)
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # summed on the device: one sync at the end
     for i, rows in enumerate(epoch_rows(examples, 0, 0, seq_len, batch_size, shuffle=False)):
         if max_batches and i >= max_batches:
             break
         batch = collate(rows, pad_id).to(device)
         with autocast(device):
-            total += float(packed_loss_sum(model, batch))
+            total += packed_loss_sum(model, batch).double()
         count += batch.n_targets
-    return {"val_loss": total / count} if count else {}
+    return {"val_loss": float(total) / count} if count else {}
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -256,8 +245,7 @@ def split_chats(chats: Sequence[Chat], val_fraction: float, seed: int) -> tuple[
 
 def sft_loss(model, batch: PackedBatch) -> StepLoss:
     """Cross-entropy summed over the assistant targets of a packed batch (the Trainer averages per target)."""
-    return StepLoss(loss=packed_loss_sum(model, batch), count=(batch.y >= 0).sum(),
-                    tokens=(batch.positions >= 0).sum())
+    return StepLoss(loss=packed_loss_sum(model, batch), count=batch.n_targets, tokens=batch.n_tokens)
 
 
 def sft(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: TrainConfig | None = None, *,

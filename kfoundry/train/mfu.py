@@ -1,8 +1,9 @@
 """Model FLOPs utilisation: achieved training FLOP/s over the device's peak.
 
 The peak is never assumed. CUDA cards are looked up by name in a table of published dense (no sparsity)
-bf16 tensor-core peaks; a CPU's peak is *measured* with a large fp32 matmul and cached, because CPU
-peaks vary with the core count, vector units, clocks and thread settings of the machine at hand.
+bf16 and fp16 tensor-core peaks with fp32 accumulation (a card missing from the table has no MFU, only
+tokens/s); a CPU's peak is *measured* with a large fp32 matmul and cached, because CPU peaks vary with the
+core count, vector units, clocks and thread settings of the machine at hand.
 
 A probe can only read low (a busy machine slows it down, nothing speeds it up), so the cache keeps the best
 probe ever measured for a key, and `checked_mfu` re-probes when a run proves the cached figure too low: MFU
@@ -21,35 +22,50 @@ import torch
 
 from kfoundry.fileio import atomic_write_text
 
-# Dense bf16 tensor-core peak FLOP/s from the vendors' datasheets (SXM parts unless named).
-CUDA_PEAK_BF16 = {
-    "H200": 989e12,
-    "H100 SXM": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H100": 989e12,
-    "H800": 989e12,
-    "GH200": 989e12,
-    "B200": 2250e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "A10G": 70e12,
-    "A10": 125e12,
-    "L40S": 362e12,
-    "L40": 181e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,  # fp16 (no bf16 tensor cores)
-    "T4": 65e12,  # fp16
+# Dense (no sparsity) tensor-core peak FLOP/s with fp32 accumulation, which is what PyTorch's bf16/fp16 matmuls
+# use, from the vendors' datasheets and architecture whitepapers: (bf16, fp16). SXM parts unless named.
+# bf16 is None where the card has no bf16 tensor cores (Volta, Turing): train those in fp16 with a gradient
+# scaler, or in fp32; bf16 autocast there runs emulated at a fraction of the fp16 rate, and no bf16 peak exists to
+# measure it against. GeForce cards accumulate in fp32 at half their fp16-accumulate rate, so their figures here
+# are half the headline "Tensor TFLOPS" (RTX 3090: 71 dense with fp32 accumulate, 142 with fp16 accumulate; its
+# 35.6 TFLOPS is the fp32 shader / TF32 tensor rate). Keys are matched as substrings of the device name.
+CUDA_PEAK: dict[str, tuple[float | None, float]] = {
+    "B200": (2250e12, 2250e12),
+    "H200 NVL": (835e12, 835e12),
+    "H200": (989e12, 989e12),
+    "H100 SXM": (989e12, 989e12),
+    "H100 NVL": (835e12, 835e12),
+    "H100 PCIe": (756e12, 756e12),
+    "H100": (989e12, 989e12),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    "H800": (989e12, 989e12),
+    "GH200": (989e12, 989e12),
+    "A100": (312e12, 312e12),
+    "A800": (312e12, 312e12),
+    "A10G": (70e12, 70e12),
+    "A10": (125e12, 125e12),
+    "L40S": (362e12, 362e12),
+    "L40": (181e12, 181e12),
+    "L4": (121e12, 121e12),
+    "RTX A6000": (154.8e12, 154.8e12),
+    "RTX 5090": (209.5e12, 209.5e12),
+    "RTX 4090": (165.2e12, 165.2e12),
+    "RTX 3090": (71e12, 71e12),
+    "V100": (None, 125e12),  # SXM2; no bf16
+    "T4": (None, 65e12),  # no bf16
 }
+CUDA_PEAK_BF16 = {k: bf16 for k, (bf16, _) in CUDA_PEAK.items() if bf16}  # the common case, for readers
 
 
-def cuda_peak_flops(name: str) -> float | None:
-    """Longest table key contained in the device name, so 'NVIDIA H100 PCIe' beats plain 'H100'."""
-    for key in sorted(CUDA_PEAK_BF16, key=len, reverse=True):
+def cuda_peak_flops(name: str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """Peak FLOP/s of the card called `name` for matmuls in `dtype` (bf16 or fp16), or None when the table has no
+    such figure (an unknown card, bf16 on a card without bf16 tensor cores, or fp32). The longest table key
+    contained in the device name wins, so 'NVIDIA H100 PCIe' beats plain 'H100'."""
+    column = {torch.bfloat16: 0, torch.float16: 1}.get(dtype)
+    if column is None:
+        return None
+    for key in sorted(CUDA_PEAK, key=len, reverse=True):
         if key.lower() in name.lower():
-            return CUDA_PEAK_BF16[key]
+            return CUDA_PEAK[key][column]
     return None
 
 
@@ -145,10 +161,22 @@ def checked_mfu(achieved: float | None, peak: float | None, device: torch.device
     return achieved / peak, peak
 
 
-def peak_flops(device: torch.device) -> tuple[float | None, str]:
-    """(peak FLOP/s or None if unknown, a description of where it came from)."""
+def describe_cuda_peak(name: str, dtype: torch.dtype = torch.bfloat16) -> tuple[float | None, str]:
+    """(peak FLOP/s or None, where it came from or why there is none) for the card called `name`."""
+    what = str(dtype).removeprefix("torch.")
+    peak = cuda_peak_flops(name, dtype)
+    if peak:
+        return peak, f"{name} (datasheet {what}, dense, fp32 accumulate)"
+    if dtype == torch.bfloat16 and cuda_peak_flops(name, torch.float16):
+        return None, f"{name} (no bf16 tensor cores: train in fp16 with a gradient scaler, or fp32; MFU not reported)"
+    return None, f"{name} (no {what} peak in the table: MFU not reported)"
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> tuple[float | None, str]:
+    """(peak FLOP/s or None if unknown, a description of where it came from) for training in `dtype` on `device`.
+
+    None is a normal answer (a card missing from the table, or bf16 on a card without it): MFU is then not
+    reported, and tokens/s still is."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = cuda_peak_flops(name)
-        return peak, f"{name} (datasheet bf16)" if peak else f"{name} (not in the peak table)"
+        return describe_cuda_peak(torch.cuda.get_device_name(device), dtype)
     return cpu_peak_flops(), f"CPU fp32 matmul probe, {torch.get_num_threads()} threads"

@@ -203,9 +203,9 @@ def _map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         return fn(batch)
     if isinstance(batch, (tuple, list)):
         return type(batch)(_map_tensors(b, fn) for b in batch)
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: fn(getattr(batch, f.name)) for f in dataclasses.fields(batch)
-                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):  # e.g. a PackedBatch and its DocumentMask
+        return dataclasses.replace(batch, **{f.name: _map_tensors(getattr(batch, f.name), fn)
+                                             for f in dataclasses.fields(batch) if f.init})
     return batch
 
 
