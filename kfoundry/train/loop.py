@@ -84,7 +84,8 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
                                     max_batches=tc.eval_batches, token_bytes=token_bytes, device=device, info=info)
 
     stage = Stage("pretrain", loss=lm_loss, source=LoaderSource(loader), evaluate=evaluate,
-                  flops_per_token=model.flops_per_token(tc.seq_len))
+                  flops_per_token=model.flops_per_token(tc.seq_len),
+                  start_info={"shard_tokens_used_per_epoch": loader.token_use()})
     trainer = Trainer(stage, cfg, out_dir, run=run, model=model, tokenizer=tok, info=info, device=device,
                       parent=parent, record_init=init is None, progress=progress, log=log)
     summary = trainer.fit()

@@ -92,6 +92,7 @@ class Stage:
     evaluate: Callable[[Any], dict[str, float]]
     metric_names: tuple[str, ...] = ()
     flops_per_token: float | None = None  # model FLOPs per processed token, for MFU
+    start_info: dict[str, Any] = field(default_factory=dict)  # extra fields for the run's start record
 
 
 class LoaderSource:
@@ -445,7 +446,7 @@ class Trainer:
                            "params": self.n_params, "flops_per_token": stage.flops_per_token, "peak_flops": peak,
                            "peak_source": peak_src, "device": str(device), "world_size": info.world_size,
                            "parallel": tc.parallel if info.enabled else None, "accum_steps": self.accum,
-                           "parent": self.parent})
+                           "parent": self.parent, **stage.start_info})
             if self.run.changes:
                 change = {k: {"from": a, "to": b} for k, (a, b) in self.run.changes.items()}
                 metrics.write({"event": "config_change", "step": self.step, "changes": change})
