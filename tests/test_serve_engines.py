@@ -17,6 +17,8 @@ import openai
 import pytest
 import torch
 
+from conftest import TINY_TEXTS
+
 from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.export.gguf import export_gguf
 from kfoundry.model.generate import SamplingParams
@@ -31,14 +33,22 @@ from kfoundry.serve.server import BackgroundServer
 MODEL = "kf-engine"
 
 
+@pytest.fixture(scope="module")
+def engine_ckpt(tiny_checkpoint):
+    """A random test-micro-shaped checkpoint (context 128) with weights 5x the usual init scale: its logits spread
+    wide, so most greedy steps have a top-two margin far above float rounding and the engines can be compared
+    token for token. Random weights serve the same as trained ones here; they only need to be the same."""
+    return tiny_checkpoint(TINY_TEXTS, 512, max_seq_len=128, init_std=0.1)[0]
+
+
 # ------------------------------------------------------------------------- the torch engine's prepared step
 
 
 @pytest.mark.parametrize("int8", [False, True])
-def test_prepared_slots_match_the_general_forward(micro_trained, int8):
+def test_prepared_slots_match_the_general_forward(engine_ckpt, int8):
     """The prepared batched step gives every row the logits of the model's own forward at that row's position,
     for rows of different lengths, after a finished row's slot is reused (`move`), float32 and int8 alike."""
-    model = load_model(micro_trained[0])
+    model = load_model(engine_ckpt)
     if int8:
         quantize_int8(model)
     V = model.cfg.vocab_size
@@ -78,14 +88,14 @@ def llama_server_binary():
 
 
 @pytest.fixture(scope="module")
-def gguf(micro_trained, tmp_path_factory):
-    return export_gguf(micro_trained[0], tmp_path_factory.mktemp("engine") / "model-f32.gguf", out_type="f32").path
+def gguf(engine_ckpt, tmp_path_factory):
+    return export_gguf(engine_ckpt, tmp_path_factory.mktemp("engine") / "model-f32.gguf", out_type="f32").path
 
 
 @pytest.fixture(scope="module")
-def llama_front(micro_trained, gguf, llama_server_binary):
+def llama_front(engine_ckpt, gguf, llama_server_binary):
     """Our front over llama-server (4 slots, queue of 2), with an API key."""
-    ckpt = micro_trained[0]
+    ckpt = engine_ckpt
     engine = LlamaCppEngine(gguf, max_len=128, max_batch=4, max_queue=2, threads=1).start()
     cfg = ServeConfig(model_name=MODEL, api_key="sekret", default_max_tokens=16)
     with BackgroundServer(create_app(engine, load_tokenizer(ckpt), cfg)) as srv:
@@ -127,11 +137,11 @@ def greedy_margins(model, prompt: list[int], tokens: list[int]) -> list[float]:
     return (top2[:, 0] - top2[:, 1]).tolist()
 
 
-def test_greedy_tokens_match_the_torch_engine(micro_trained, llama_front, mixed_texts):
+def test_greedy_tokens_match_the_torch_engine(engine_ckpt, llama_front, mixed_texts):
     """llama.cpp and our torch engine choose the same greedy tokens on the same checkpoint, up to the first step
     whose top-two logit margin is within F32 rounding of a tie (measured, not assumed)."""
     _, engine = llama_front
-    model, tok = load_model(micro_trained[0]), load_tokenizer(micro_trained[0])
+    model, tok = load_model(engine_ckpt), load_tokenizer(engine_ckpt)
     prompts = [tok.encode(t, bos=True) for t in mixed_texts]
     params = SamplingParams(max_new_tokens=32)
     sched = Scheduler(model, max_batch=4).start()
@@ -150,9 +160,9 @@ def test_greedy_tokens_match_the_torch_engine(micro_trained, llama_front, mixed_
     assert compared >= 3 * 32, f"only {compared} tokens had a margin wide enough to compare"
 
 
-def test_openai_client_chat_stream_and_completions(micro_trained, llama_front):
+def test_openai_client_chat_stream_and_completions(engine_ckpt, llama_front):
     srv, engine = llama_front
-    tok = load_tokenizer(micro_trained[0])
+    tok = load_tokenizer(engine_ckpt)
     c = client(srv)
     assert [m.id for m in c.models.list().data] == [MODEL]
     health = httpx.get(srv.url + "/health").json()
@@ -207,11 +217,11 @@ def test_errors_keep_our_shapes(llama_front):
         c.completions.create(model=MODEL, prompt=["x"] * 7, max_tokens=4)
 
 
-def test_engine_failure_is_a_500_and_health_503(micro_trained, gguf, llama_server_binary):
+def test_engine_failure_is_a_500_and_health_503(engine_ckpt, gguf, llama_server_binary):
     """llama-server dying mid-service: requests get our 500 error shape and /health says 503."""
     engine = LlamaCppEngine(gguf, max_len=128, max_batch=2, max_queue=2, threads=1).start()
     cfg = ServeConfig(model_name=MODEL, default_max_tokens=8)
-    with BackgroundServer(create_app(engine, load_tokenizer(micro_trained[0]), cfg)) as srv:
+    with BackgroundServer(create_app(engine, load_tokenizer(engine_ckpt), cfg)) as srv:
         c = client(srv)
         assert c.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0).choices[0].text is not None
         engine.server.proc.kill()
