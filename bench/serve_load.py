@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                       # random-weight cpu-tiny-shaped model, 1/4/16 clients
     python bench/serve_load.py --model runs/x/ckpt/step-000400 --clients 1,4,16 --requests 48
+    python bench/serve_load.py --slow-clients 200    # the same levels again while 200 slowloris sockets are held
 
 It starts `kfoundry serve` as a subprocess on 127.0.0.1 (a free port), then for each concurrency level runs
 a fixed set of /v1/completions requests with that many clients at once: each client sends its next
@@ -11,6 +12,12 @@ Reported per level: requests/s, generated tokens/s, p50/p99 latency, errors by k
 shared each forward pass on average (from /health). The peer for the batching claim is the same server
 answering the same requests one by one (1 client): the speedup is the tokens/s at `--speedup-clients`
 (default 8) divided by the tokens/s at 1 client. Goal: >= 2x.
+
+With `--slow-clients N`, every level is run twice on the same server: once as above, then again while N
+"slowloris" sockets are held open — each sends a request line and then one header line per second, never
+finishing its headers, and is reopened as soon as the server closes it (header timeout), so N are held
+throughout. The peer for that figure is the same level without them: the ratio of tokens/s shows what the
+slow clients cost real ones. /health latency is sampled during the slow run too.
 
 Nothing here leaves the machine: the server binds 127.0.0.1 and the clients only talk to it.
 """
@@ -26,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +71,71 @@ def start_server(model: Path, port: int, args) -> subprocess.Popen:
             proc.kill()
             raise SystemExit("server did not start within 120 s")
         time.sleep(0.3)
+
+
+class SlowClients:
+    """`n` slowloris sockets held open on a background thread until `stop()` (bounded by `max_s` seconds)."""
+
+    def __init__(self, host: str, port: int, n: int, max_s: float = 3600.0) -> None:
+        self.addr, self.n, self.max_s = (host, port), n, max_s
+        self.reopened = 0
+        self.held = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slowloris", daemon=True)
+
+    def _open(self) -> socket.socket | None:
+        try:
+            s = socket.create_connection(self.addr, timeout=2)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            return s
+        except OSError:
+            return None
+
+    def _run(self) -> None:
+        socks = [self._open() for _ in range(self.n)]
+        deadline = time.monotonic() + self.max_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            for i, s in enumerate(socks):
+                try:
+                    if s is None:
+                        raise OSError
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:  # closed by the server (header timeout): come back, as an attacker would
+                    if s is not None:
+                        s.close()
+                    socks[i] = self._open()
+                    self.reopened += 1
+            self.held = sum(s is not None for s in socks)
+            self._stop.wait(1.0)
+        for s in socks:
+            if s is not None:
+                s.close()
+
+    def __enter__(self) -> "SlowClients":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while self.held < self.n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def health_latency(url: str, samples: int = 20) -> dict:
+    """/health round trips, one every 50 ms: the median and the worst."""
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        try:
+            ok = httpx.get(url + "/health", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        times.append(time.perf_counter() - t0 if ok else float("inf"))
+        time.sleep(0.05)
+    return {"p50_ms": round(statistics.median(times) * 1000, 1), "max_ms": round(max(times) * 1000, 1),
+            "failed": sum(t == float("inf") for t in times)}
 
 
 def run_level(url: str, clients: int, n_requests: int, max_tokens: int, time_limit: float) -> dict:
@@ -133,6 +206,8 @@ def main() -> int:
     ap.add_argument("--time-limit", type=float, default=120.0, help="seconds per level before it stops sending")
     ap.add_argument("--server-threads", type=int, default=1,
                     help="torch threads in the server (1 leaves a core for the clients; 0 = torch's default)")
+    ap.add_argument("--slow-clients", type=int, default=0,
+                    help="also run every level while this many slowloris sockets are held (e.g. 200)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -149,9 +224,17 @@ def main() -> int:
         port = free_port()
         proc = start_server(model, port, args)
         url = f"http://127.0.0.1:{port}"
+        slow_results, health = [], None
         try:
             run_level(url, 2, 4, 8, 30)  # warm-up: first-call allocations, not measured
             results = [run_level(url, c, args.requests, args.max_tokens, args.time_limit) for c in levels]
+            if args.slow_clients:
+                with SlowClients("127.0.0.1", port, args.slow_clients) as slow:
+                    health = health_latency(url)
+                    slow_results = [run_level(url, c, args.requests, args.max_tokens, args.time_limit)
+                                    for c in levels]
+                    health_after = health_latency(url)
+                    held, reopened = slow.held, slow.reopened
         finally:
             proc.terminate()
             proc.wait(30)
@@ -172,8 +255,27 @@ def main() -> int:
     print()
     print(f"batching speedup at {args.speedup_clients} clients vs one by one: {speedup:.2f}x tokens/s "
           f"({many['tokens_per_s']} vs {one['tokens_per_s']}; goal >= 2x)")
+    report = {"levels": results, "speedup": round(speedup, 2)}
+    if args.slow_clients:
+        print()
+        print(f"with {args.slow_clients} slowloris sockets held (held at the end: {held}; reopened after the "
+              f"server closed them: {reopened}):")
+        print(f"/health while held: p50 {health['p50_ms']} ms, worst {health['max_ms']} ms, failed {health['failed']}"
+              f"/20 (at the start); p50 {health_after['p50_ms']} ms, worst {health_after['max_ms']} ms, failed "
+              f"{health_after['failed']}/20 (at the end)")
+        print()
+        print("| clients | requests | errors | tokens/s | tokens/s without slow clients | ratio | p50 latency (s) | "
+              "p99 latency (s) |")
+        print("|---:|---:|---|---:|---:|---:|---:|---:|")
+        for r, peer in zip(slow_results, results):
+            errs = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+            ratio = r["tokens_per_s"] / peer["tokens_per_s"] if peer["tokens_per_s"] else float("nan")
+            print(f"| {r['clients']} | {r['requests']} | {errs} | {r['tokens_per_s']} | {peer['tokens_per_s']} | "
+                  f"{ratio:.2f} | {r['p50_s']} | {r['p99_s']} |")
+        report.update(slow_clients=args.slow_clients, slow_levels=slow_results, health=[health, health_after],
+                      slow_held=held, slow_reopened=reopened)
     if args.json:
-        args.json.write_text(json.dumps({"levels": results, "speedup": round(speedup, 2)}, indent=2))
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

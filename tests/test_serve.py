@@ -22,10 +22,15 @@ import torch
 
 from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.model.generate import SamplingParams, generate
+from kfoundry.serve import openai_format as fmt
 from kfoundry.serve.app import ServeConfig, app_from_checkpoint
 from kfoundry.serve.batch import SlotCache, decode_step, prefill
+from kfoundry.serve.errors import APIError
+from kfoundry.serve.generation import Piece
+from kfoundry.serve.plan import Limits, plan_request
 from kfoundry.serve.sampling import sample_rows
 from kfoundry.serve.scheduler import Scheduler, Ticket
+from kfoundry.serve.schemas import ChatRequest, CompletionRequest
 from kfoundry.serve.server import BackgroundServer
 from kfoundry.serve.smoke import random_checkpoint
 from kfoundry.serve.textstream import TextStream
@@ -327,17 +332,21 @@ def test_concurrent_clients_share_forward_passes(served, model_tok):
 
 
 @pytest.mark.slow  # starts a second Python with torch: ~20 s on a busy 2-core machine
-def test_cli_serve_with_api_key(ckpt):
-    """`kfoundry serve` as a user starts it: a separate process, its own port, an API key."""
+def test_cli_serve_with_api_key_file(ckpt, tmp_path):
+    """`kfoundry serve` as a user starts it: a separate process, its own port, a key read from a file (so it is
+    not in the process list), the Host check of a loopback server, and SIGTERM."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    key_file = tmp_path / "key"
+    key_file.write_text("sekret-from-file\n")
+    env = {k: v for k, v in os.environ.items() if k != "KFOUNDRY_API_KEY"}
     proc = subprocess.Popen([sys.executable, "-m", "kfoundry", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--api-key", "sekret", "--model-name", MODEL, "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--api-key-file", str(key_file), "--model-name", MODEL, "--log-level", "warning"],
+                            env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -350,16 +359,108 @@ def test_cli_serve_with_api_key(ckpt):
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.3)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert b"sekret" not in f.read()
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
-        ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret-from-file", max_retries=0)
         r = ok.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "안녕"}], max_tokens=5)
         assert r.usage.completion_tokens <= 5
+        rebound = httpx.get(url + "/health", headers={"Host": "evil.example"})
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal so the exit status says why it stopped.
     assert proc.returncode in (0, -signal.SIGTERM)
+
+
+def test_api_key_sources(tmp_path, monkeypatch):
+    """--api-key-file, then --api-key, then $KFOUNDRY_API_KEY; an empty or missing file is a one-line error."""
+    import argparse
+
+    from kfoundry.serve.cli import api_key
+
+    f = tmp_path / "key"
+    f.write_text("  from-file  \nsecond line ignored\n")
+    monkeypatch.setenv("KFOUNDRY_API_KEY", "from-env")
+    assert api_key(argparse.Namespace(api_key_file=f, api_key="from-arg")) == "from-file"
+    assert api_key(argparse.Namespace(api_key_file=None, api_key="from-arg")) == "from-arg"
+    assert api_key(argparse.Namespace(api_key_file=None, api_key=None)) == "from-env"
+    monkeypatch.delenv("KFOUNDRY_API_KEY")
+    assert api_key(argparse.Namespace(api_key_file=None, api_key=None)) is None
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        api_key(argparse.Namespace(api_key_file=f, api_key=None))
+    with pytest.raises(FileNotFoundError):
+        api_key(argparse.Namespace(api_key_file=tmp_path / "nope", api_key=None))
+
+
+# --------------------------------------------------------------------- the parts, without FastAPI or a server
+
+
+def test_plan_request_checks_and_tokenizes_without_fastapi(model_tok):
+    """plan_request is a plain function: body + tokenizer + limits in, a GenerationPlan or an APIError out."""
+    _, tok = model_tok
+    limits = Limits(model_name=MODEL, context=64, max_batch=4, max_tokens=32, default_max_tokens=16, max_prompts=3)
+    body = CompletionRequest.model_validate({"prompt": ["대한민국 😀", unicodedata.normalize("NFD", "한국어 2026")], "n": 2,
+                                             "temperature": 1e-30, "stop": "끝", "seed": 3})
+    plan = plan_request(body, tok, limits)
+    assert plan.prompts == [tok.encode("대한민국 😀", bos=True), tok.encode("한국어 2026", bos=True)]  # NFC first
+    assert not plan.chat and plan.n == 2 and plan.stop == ["끝"] and not plan.stream
+    assert plan.params.temperature == 0.0  # below GREEDY_BELOW: greedy, not a NaN softmax
+    assert plan.params.max_new_tokens == 16 and plan.params.seed == 3 and plan.params.top_p == 1.0
+
+    chat = ChatRequest.model_validate({"messages": [{"role": "developer", "content": "친절하게 😀"},
+                                                    {"role": "user", "content": [{"type": "text", "text": "안녕"}]}],
+                                       "max_completion_tokens": 5, "stream": True, "temperature": 0.7,
+                                       "stream_options": {"include_usage": True}, "model": MODEL})
+    plan = plan_request(chat, tok, limits)
+    assert plan.chat and plan.stream and plan.include_usage and plan.params.max_new_tokens == 5
+    assert plan.prompts == [tok.encode_chat([{"role": "system", "content": "친절하게 😀"},
+                                             {"role": "user", "content": "안녕"}], add_generation_prompt=True)]
+    assert plan.params.temperature == 0.7
+
+    def refused(body: dict, chat: bool = False) -> APIError:
+        cls = ChatRequest if chat else CompletionRequest
+        with pytest.raises(APIError) as e:
+            plan_request(cls.model_validate(body), tok, limits)
+        return e.value
+
+    assert refused({"prompt": "x", "model": "gpt-4o"}).status == 404
+    assert refused({"prompt": "x", "max_tokens": 33}).code == "max_tokens_too_large"
+    e = refused({"prompt": "가나다라 " * 40})
+    assert (e.code, e.param) == ("context_length_exceeded", "prompt")
+    e = refused({"messages": [{"role": "user", "content": "가나다라 " * 40}]}, chat=True)
+    assert (e.code, e.param) == ("context_length_exceeded", "messages")
+    assert refused({"prompt": "안녕", "max_tokens": 62}).param == "max_tokens"
+    assert refused({"prompt": "x", "n": 5}).param == "n"
+    assert refused({"prompt": [5, tok.vocab_size]}).param == "prompt"
+    assert refused({"prompt": ["a", "b", "c", "d"]}).param == "prompt"
+
+
+def test_openai_format_parses_with_the_official_types():
+    """The pure response builders produce what the `openai` package's own models accept, field for field."""
+    import json
+
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    u = fmt.usage(7, 3)
+    assert u == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    c = Completion.model_validate(fmt.completion("cmpl-1", MODEL, False, ["안녕 😀", "b"], ["stop", "length"], u))
+    assert [ch.text for ch in c.choices] == ["안녕 😀", "b"] and c.usage.total_tokens == 10
+    cc = ChatCompletion.model_validate(fmt.completion("chatcmpl-1", MODEL, True, ["안녕"], ["length"], u))
+    assert cc.choices[0].message.content == "안녕" and cc.choices[0].finish_reason == "length"
+    events = [fmt.chunk("chatcmpl-1", MODEL, True, fmt.role_choices(1)),
+              fmt.chunk("chatcmpl-1", MODEL, True, [fmt.piece_choice(Piece(0, "한국어"), True)]),
+              fmt.chunk("chatcmpl-1", MODEL, True, [fmt.piece_choice(Piece(0, "", "stop"), True)]),
+              fmt.chunk("chatcmpl-1", MODEL, True, [], u)]
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in events)
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e[6:])) for e in events]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[1].choices[0].delta.content == "한국어"
+    assert chunks[2].choices[0].finish_reason == "stop" and chunks[3].usage.completion_tokens == 3
+    assert "한국어" in events[1]  # UTF-8 on the wire, not \\u escapes

@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 from kfoundry.serve.engines import ENGINES
+from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
+
+KEY_ENV = "KFOUNDRY_API_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,13 +19,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("KFOUNDRY_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $KFOUNDRY_API_KEY; none = open)")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1, KEY being this file's first line")
+    p.add_argument("--api-key", default=None,
+                   help=f"the key itself (visible to anyone who can run `ps`; prefer ${KEY_ENV} or --api-key-file). "
+                        f"Default: ${KEY_ENV}; none = open")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept this name in the Host header (loopback servers accept only localhost, "
+                        "127.0.0.1 and ::1, against DNS rebinding; a public server given --allow-host accepts only "
+                        "the names given)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get HTTP 429")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queueing included")
     p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections; one more gets 503")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a request's body to arrive")
+    p.add_argument("--shutdown-grace", type=float, default=10.0,
+                   help="on SIGTERM, seconds requests in flight may take before they are answered 503")
     p.add_argument("--model-name", default=None, help="name in /v1/models (default: the checkpoint folder's name)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only matrices (CPU serving)")
@@ -39,38 +54,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
 
 
-def _serve(args) -> int:
-    import uvicorn
+def api_key(args) -> str | None:
+    """The key from --api-key-file, --api-key or $KFOUNDRY_API_KEY (in that order); None when none is set."""
+    if args.api_key_file is not None:
+        if not args.api_key_file.is_file():
+            raise FileNotFoundError(f"--api-key-file: no such file: {args.api_key_file}")
+        lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: the first line is empty")
+        return key
+    return args.api_key or os.environ.get(KEY_ENV) or None
 
+
+def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...] | None:
+    """Names accepted in the Host header: loopback names on a loopback server (plus --allow-host), only
+    --allow-host names on a public one, and any name on a public one without --allow-host."""
+    if is_loopback(host):
+        return (*LOOPBACK_NAMES, *extra)
+    return tuple(extra) or None
+
+
+def _serve(args) -> int:
     from kfoundry.serve.app import ServeConfig, app_from_checkpoint
+    from kfoundry.serve.server import serve
 
     path = Path(args.model)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    for name, value in (("--max-batch", args.max_batch), ("--timeout", args.timeout), ("--threads", args.threads or 1)):
+    for name, value in (("--max-batch", args.max_batch), ("--timeout", args.timeout), ("--threads", args.threads or 1),
+                        ("--max-connections", args.max_connections), ("--header-timeout", args.header_timeout),
+                        ("--body-timeout", args.body_timeout)):
         if value <= 0:
             raise ValueError(f"{name} must be positive")
+    if args.shutdown_grace < 0:
+        raise ValueError("--shutdown-grace must be >= 0")
+    if args.api_key is not None:
+        print(f"kfoundry serve: warning: --api-key is visible in the process list; prefer ${KEY_ENV} or "
+              "--api-key-file", file=sys.stderr)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = ServeConfig(model_name=args.model_name or path.resolve().name, api_key=args.api_key or None,
+    cfg = ServeConfig(model_name=args.model_name or path.resolve().name, api_key=api_key(args),
                       request_timeout=args.timeout, max_tokens=args.max_tokens,
-                      default_max_tokens=args.default_max_tokens)
+                      default_max_tokens=args.default_max_tokens, allowed_hosts=allowed_hosts(args.host, args.allow_host),
+                      max_connections=args.max_connections, header_timeout=args.header_timeout,
+                      body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace)
     workdir = tempfile.TemporaryDirectory(prefix="kfoundry-serve-")
     if args.engine == "llama.cpp":
         app, scheduler = _llama_cpp_app(path, cfg, args, Path(workdir.name))
     else:
         app, scheduler = app_from_checkpoint(path, cfg, device=args.device, max_batch=args.max_batch,
                                              max_queue=args.max_queue, quantize=args.quantize)
-    if cfg.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"kfoundry serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    if cfg.api_key is None and not is_loopback(args.host):
+        print(f"kfoundry serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     print(f"kfoundry serve: {cfg.model_name} on {args.engine} (context {scheduler.max_len}, batch {args.max_batch}) on "
           f"http://{args.host}:{args.port}/  (API: /v1)", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+        serve(app, args.host, args.port, log_level=args.log_level)
     finally:
         scheduler.stop()
         workdir.cleanup()

@@ -17,12 +17,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from kfoundry.model.generate import SamplingParams
-from kfoundry.serve.scheduler import Event, Scheduler, Ticket
+from kfoundry.serve.scheduler import Event, Ticket
 from kfoundry.serve.textstream import TextStream
 
 
 class GenerationError(RuntimeError):
-    """The scheduler failed a sequence (a forward pass raised, or it is shutting down)."""
+    """The engine failed a sequence (a forward pass raised, or it is shutting down)."""
+
+
+class Aborted(RuntimeError):
+    """The server ended this request from outside (`Generation.abort`): it is shutting down."""
 
 
 @dataclass
@@ -35,18 +39,22 @@ class Piece:
 
 
 class Generation:
-    def __init__(self, scheduler: Scheduler, tokenizer, prompts: list[list[int]], params: SamplingParams, *,
+    """One request's choices, from `submit()` to the last piece. `engine` is anything with the `Engine`
+    interface (kfoundry/serve/engine.py); only its `submit` is used here."""
+
+    def __init__(self, engine, tokenizer, prompts: list[list[int]], params: SamplingParams, *,
                  n: int = 1, stop_ids: frozenset[int] = frozenset(), stop: list[str] | None = None,
                  timeout: float | None = None) -> None:
-        self.scheduler = scheduler
+        self.engine = engine
         self.n = n
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
         self.deadline = time.monotonic() + timeout if timeout else None
         self.streams = [TextStream(tokenizer, stop or []) for _ in range(len(prompts) * n)]
         self.finish_reasons: list[str | None] = [None] * len(self.streams)
-        self._queue: asyncio.Queue[tuple[int, list[Event]]] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
+        # Items are (ticket index, events) from the engine, or an exception put there by abort().
+        self._queue: asyncio.Queue[tuple[int, list[Event]] | BaseException] = asyncio.Queue()
+        self._loop = loop = asyncio.get_running_loop()
 
         def listener(i: int):
             return lambda events: loop.call_soon_threadsafe(self._queue.put_nowait, (i, events))
@@ -55,28 +63,37 @@ class Generation:
                         for i, p in enumerate(prompts)]
 
     def submit(self) -> None:
-        """Queue every ticket (raises scheduler.QueueFull when there is no room)."""
-        self.scheduler.submit(self.tickets)
+        """Queue every ticket (raises QueueFull when there is no room)."""
+        self.engine.submit(self.tickets)
 
     def cancel(self) -> None:
         for t in self.tickets:
             t.cancel()
+
+    def abort(self, message: str) -> None:
+        """End the request now from any thread: cancel its tickets and make `pieces()` raise `Aborted`."""
+        self.cancel()
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, Aborted(message))
 
     @property
     def done(self) -> bool:
         return all(r is not None for r in self.finish_reasons)
 
     async def pieces(self) -> AsyncIterator[Piece]:
-        """Text as it is generated; raises TimeoutError at the deadline and GenerationError on a failure."""
+        """Text as it is generated; raises TimeoutError at the deadline, GenerationError on a failure and
+        Aborted after `abort()`."""
         try:
             while not self.done:
                 timeout = None if self.deadline is None else self.deadline - time.monotonic()
                 if timeout is not None and timeout <= 0:
                     raise TimeoutError("request timed out")
                 try:
-                    ticket_index, events = await asyncio.wait_for(self._queue.get(), timeout)
+                    item = await asyncio.wait_for(self._queue.get(), timeout)
                 except TimeoutError:
                     raise TimeoutError("request timed out") from None
+                if isinstance(item, BaseException):
+                    raise item
+                ticket_index, events = item
                 for piece in self._apply(ticket_index, events):
                     yield piece
         finally:

@@ -1,22 +1,75 @@
-"""Request bodies of the OpenAI API subset we serve, and the OpenAI error shape.
+"""Request and response bodies of the OpenAI API subset we serve.
 
-Validation is strict about types (a string where a number belongs is an error, not coerced) and lenient
-about unknown fields (clients add their own), except for the OpenAI options we do not implement, which are
-refused by name rather than silently ignored. Responses are plain dicts built in app.py, in the field
-order of OpenAI's reference.
+The rules, the same on both POST endpoints:
+
+- Types are strict: a string where a number belongs is an error, not coerced.
+- Every error names its field (`param`), nested ones with dots (`messages.0.content`): checks live on the
+  field they are about, never on the body as a whole.
+- Text must be valid Unicode. JSON can carry a lone UTF-16 surrogate (`"\\ud800"`), which no UTF-8 encoder,
+  tokenizer or JSON response can hold; it is refused by name, as any other bad value.
+- OpenAI options that change what is generated and that we do not implement (`logprobs`, `tools`,
+  `response_format`, `best_of`, penalties, ...; `UNSUPPORTED` below) are accepted only at their neutral value
+  and otherwise refused with a 400 naming the option — never silently ignored, since the answer would not be
+  what the client asked for. OpenAI options that do not change the answer (`user`, `store`, `metadata`,
+  `service_tier`, `parallel_tool_calls`; `IGNORED`) are accepted and ignored. Fields OpenAI does not define
+  are ignored too: clients and proxies add their own.
+
+Responses are built as plain dicts by openai_format.py; the response models here only describe them in the
+OpenAPI schema (`/openapi.json`), which the schema-fuzzing test holds every response to.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+INT64 = 2**63  # seeds are int64, as in OpenAI's API; torch generators take any of them
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
-    """{"error": {...}}: what every OpenAI endpoint returns with a 4xx/5xx status."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+def _valid_unicode(s: str) -> str:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}") from None
+    return s
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+# Options OpenAI defines that we do not implement, with the values that ask for nothing (accepted).
+UNSUPPORTED_COMMON: dict[str, tuple] = {
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False, 0),
+}
+UNSUPPORTED_COMPLETION: dict[str, tuple] = {"best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
+UNSUPPORTED_CHAT: dict[str, tuple] = {
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+# OpenAI options that do not change the answer: accepted and ignored (documented in docs/serve.md).
+IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls")
+
+
+def _refuse_unless_neutral(value: Any, info: ValidationInfo, table: dict[str, tuple]) -> Any:
+    neutral = table[info.field_name]
+    # `0 == False` in Python; compare with the type too, so `logprobs: 0.0` or `true` is not taken for neutral.
+    if not any(value == v and type(value) is type(v) for v in neutral):
+        allowed = " or ".join(json.dumps(v, ensure_ascii=False) for v in neutral)
+        raise ValueError(f"not supported by this server (leave it out, or send {allowed})")
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -29,35 +82,37 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 (or below 1e-5) is greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=16)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-    # Accepted only at their neutral values: we do not implement them and will not pretend to.
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logprobs: bool | int | None = None
-    logit_bias: dict[str, float] | None = None
+    stop: Text | list[Text] | None = Field(None, description="up to 4 stop strings")
+    seed: int | None = Field(None, ge=-INT64, le=INT64 - 1)
+    # Accepted and ignored (IGNORED): they do not change the answer.
+    user: Text | None = None
+    store: bool | None = None
+    metadata: dict[str, Text] | None = None
+    service_tier: Text | None = None
+    # Not implemented: accepted only at their neutral values (UNSUPPORTED_COMMON).
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    logprobs: Any = None
 
-    @model_validator(mode="after")
-    def _check(self):
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4:
-            raise ValueError("stop: at most 4 stop sequences")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise ValueError(f"{name}: not supported by this server (use 0)")
-        if self.logprobs not in (None, False, 0):
-            raise ValueError("logprobs: not supported by this server")
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported by this server")
-        return self
+    @field_validator(*UNSUPPORTED_COMMON, mode="before")
+    @classmethod
+    def _unsupported_common(cls, v, info: ValidationInfo):
+        return _refuse_unless_neutral(v, info, UNSUPPORTED_COMMON)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(v)}")
+        return v
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -66,35 +121,35 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     """POST /v1/completions: text (or token ids) continued as text."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
-    suffix: str | None = None
-    best_of: int | None = None
+    prompt: Text | list[Text] | list[int] | list[list[int]]
+    best_of: Any = None
+    echo: Any = None
+    suffix: Any = None
 
-    @model_validator(mode="after")
-    def _check_completion(self):
-        if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt: must not be an empty list")
-        if self.echo:
-            raise ValueError("echo: not supported by this server")
-        if self.suffix:
-            raise ValueError("suffix: not supported by this server")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of: not supported by this server")
-        return self
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("must not be an empty list")
+        return v
+
+    @field_validator(*UNSUPPORTED_COMPLETION, mode="before")
+    @classmethod
+    def _unsupported_completion(cls, v, info: ValidationInfo):
+        return _refuse_unless_neutral(v, info, UNSUPPORTED_COMPLETION)
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -106,13 +161,107 @@ class ChatRequest(SamplingRequest):
     """POST /v1/chat/completions: a conversation continued by one assistant turn."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name for max_tokens; wins when both are set
-    tools: list | None = None
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name for max_tokens; wins")
+    parallel_tool_calls: bool | None = None  # ignored: without tools there are no tool calls
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    @field_validator(*UNSUPPORTED_CHAT, mode="before")
+    @classmethod
+    def _unsupported_chat(cls, v, info: ValidationInfo):
+        return _refuse_unless_neutral(v, info, UNSUPPORTED_CHAT)
 
     @model_validator(mode="after")
-    def _check_chat(self):
-        if self.tools:
-            raise ValueError("tools: not supported by this server")
+    def _newer_name_wins(self):  # never raises: a check here could not name its field
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+
+# ------------------------------------------------------------------ responses (for the OpenAPI schema only)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    context_length: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(extra="allow")  # the engine's load and counters follow
+    status: Literal["ok", "unavailable", "draining"]
+    model: str
+    context: int
+    auth: bool

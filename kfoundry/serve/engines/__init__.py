@@ -5,10 +5,9 @@ chat page stay ours (kfoundry/serve/app.py).
     llama.cpp   llama.cpp's `llama-server` on a GGUF export, with one slot per batch row (llama_cpp.py);
                 the binary is built by scripts/build_llama_server.sh (llama_server.py finds and runs it)
 
-An engine is anything the app can hand `Ticket`s to: `submit(tickets)` (raising `QueueFull` when its queue is
-at the bound), `max_len`, `max_batch`, `alive`, `load()`, `stats.as_dict()`, `start()`, `stop()`. Every engine
-reports token ids through each ticket's `on_events`, so text decoding, stop strings, `n` choices, usage and
-error shapes are the front's work and the same whatever runs the model.
+The interface an engine honours is `kfoundry.serve.engine.Engine` (submit tickets, report token ids through
+each ticket's `on_events`), so text decoding, stop strings, `n` choices, usage and error shapes are the
+front's work and the same whatever runs the model.
 """
 
 ENGINES = ("torch", "llama.cpp")

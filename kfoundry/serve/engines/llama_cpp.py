@@ -154,7 +154,8 @@ class LlamaCppEngine:
 
     async def _choice(self, ticket: Ticket, choice: int) -> None:
         p = ticket.params
-        seed = None if p.seed is None else p.seed + choice
+        # llama.cpp seeds are uint32 and 0xFFFFFFFF means "random": fold our int64 seeds into the rest.
+        seed = None if p.seed is None else (p.seed + choice) % 0xFFFFFFFF
         body = completion_body(ticket.prompt, p, seed, self.banned)
         reason: str | None = None
         generated = 0
