@@ -8,7 +8,8 @@
 #
 #   scripts/build_llama_server.sh [DEST]        (DEST default: .venv/bin; the binary is DEST/llama-server)
 #
-# Environment: PY (python with pip; default .venv/bin/python), LLAMA_CPP_PYTHON_VERSION (default: the pin in
+# Environment: QUICK=1 (the server's own code at -O1 and the unused multimodal library at -O0: a quicker build
+# on a loaded machine; the model's arithmetic, ggml and llama, stays -O3 either way), PY (python with pip; default .venv/bin/python), LLAMA_CPP_PYTHON_VERSION (default: the pin in
 # pyproject.toml), JOBS (default: nproc), GGML_NATIVE (ON: tuned for this CPU, as a server you build where it
 # runs; OFF: portable x86-64), BUILD_DIR (default: build/llama-server, kept so a rebuild is incremental).
 # Needs cmake >= 3.14, a C++17 compiler and make or ninja (Debian: cmake g++). Offline it still works when
@@ -37,6 +38,39 @@ if [ ! -f "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp/CMakeLists.txt" ]; th
   tar -xzf "$SRC/llama_cpp_python-$VERSION.tar.gz" -C "$SRC"
 fi
 LLAMA="$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp"
+# One patch, for the streams kfoundry reads: llama-server holds back a token whose text ends inside a UTF-8
+# character and then streams only the token that completes it, so a client reading token ids ("return_tokens")
+# would never see the held one (byte-level BPE splits Hangul and emoji that way all the time). With the patch, a
+# stream that asked for token ids gets every token as it is sampled, with empty text; the text still arrives
+# whole with the next token, and nothing changes for requests that did not ask for token ids.
+"$PY" - "$LLAMA/tools/server/server-context.cpp" <<'PATCH'
+import sys
+path = sys.argv[1]
+src = open(path, encoding="utf-8").read()
+anchor = "        bool incomplete = validate_utf8(slot.generated_text) < slot.generated_text.size();\n"
+patch = """        // kfoundry: a stream that asked for token ids gets every token as it is sampled
+        if (incomplete && slot.task->params.stream && slot.task->params.return_tokens) {
+            completion_token_output held = result;
+            held.text_to_send = "";
+            send_partial_response(slot, held, false);
+        }
+"""
+if "kfoundry: a stream that asked for token ids" not in src:
+    if src.count(anchor) != 1:
+        sys.exit(f"build_llama_server: cannot apply the token-stream patch to {path} (llama.cpp changed?)")
+    open(path, "w", encoding="utf-8").write(src.replace(anchor, anchor + patch))
+PATCH
+if [ "${QUICK:-0}" = 1 ]; then
+  # A quicker build for a loaded machine: the code that runs the model (ggml, llama) keeps -O3; the helper
+  # library (argument and chat parsing) and the multimodal library (linked by the server, unused for text
+  # models) are built at -O0 as unity builds (their files share one huge JSON header), the server at -O1.
+  add_opt() { grep -q "kfoundry QUICK" "$1" || printf '\n# kfoundry QUICK\n%s\n' "$2" >>"$1"; }
+  add_opt "$LLAMA/tools/mtmd/CMakeLists.txt" "target_compile_options(mtmd PRIVATE -O0)
+set_target_properties(mtmd PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 26)"
+  add_opt "$LLAMA/common/CMakeLists.txt" "target_compile_options(llama-common PRIVATE -O0)
+set_target_properties(llama-common PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 11)"
+  add_opt "$LLAMA/tools/server/CMakeLists.txt" "target_compile_options(server-context PRIVATE -O1)"
+fi
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
 # Only the server: no tests, examples or other tools. The web UI stays off (its prebuilt assets would be

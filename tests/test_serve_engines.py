@@ -231,3 +231,20 @@ def test_engine_failure_is_a_500_and_health_503(engine_ckpt, gguf, llama_server_
         assert e.value.body["type"] == "server_error"
         assert httpx.get(srv.url + "/health").status_code == 503
     engine.stop()
+
+
+def test_cli_llama_cpp_errors_are_one_line(engine_ckpt, tmp_path, capsys):
+    """`kfoundry serve --engine llama.cpp` without a binary, or with a GGUF that is not there, says so in one line
+    before exporting or binding anything."""
+    from kfoundry.cli import main
+
+    rc = main(["serve", "--model", str(engine_ckpt), "--engine", "llama.cpp", "--llama-server", str(tmp_path / "no")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "llama-server binary not found" in err and len(err.splitlines()) == 1
+    fake = tmp_path / "llama-server"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    rc = main(["serve", "--model", str(engine_ckpt), "--engine", "llama.cpp", "--llama-server", str(fake),
+               "--gguf", str(tmp_path / "missing.gguf")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "GGUF file not found" in err and len(err.splitlines()) == 1

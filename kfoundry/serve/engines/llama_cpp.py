@@ -74,6 +74,7 @@ class LlamaCppEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._thread: threading.Thread | None = None
+        self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------------------------ public side
 
@@ -150,7 +151,9 @@ class LlamaCppEngine:
 
     def _spawn(self, ticket: Ticket) -> None:
         for c in range(ticket.n):
-            self._loop.create_task(self._choice(ticket, c))
+            task = self._loop.create_task(self._choice(ticket, c))
+            self._tasks.add(task)  # the loop keeps only weak references to running tasks
+            task.add_done_callback(self._tasks.discard)
 
     async def _choice(self, ticket: Ticket, choice: int) -> None:
         p = ticket.params
