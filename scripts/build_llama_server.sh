@@ -66,9 +66,11 @@ if [ "${QUICK:-0}" = 1 ]; then
   # models) are built at -O0 as unity builds (their files share one huge JSON header), the server at -O1.
   add_opt() { grep -q "kfoundry QUICK" "$1" || printf '\n# kfoundry QUICK\n%s\n' "$2" >>"$1"; }
   add_opt "$LLAMA/tools/mtmd/CMakeLists.txt" "target_compile_options(mtmd PRIVATE -O0)
-set_target_properties(mtmd PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 26)"
+set_target_properties(mtmd PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 26)
+set_source_files_properties(mtmd-helper.cpp mtmd-helper-gen.cpp PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)"
   add_opt "$LLAMA/common/CMakeLists.txt" "target_compile_options(llama-common PRIVATE -O0)
-set_target_properties(llama-common PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 11)"
+set_target_properties(llama-common PROPERTIES UNITY_BUILD ON UNITY_BUILD_BATCH_SIZE 11)
+set_source_files_properties(json.cpp PROPERTIES SKIP_UNITY_BUILD_INCLUSION ON)"
   add_opt "$LLAMA/tools/server/CMakeLists.txt" "target_compile_options(server-context PRIVATE -O1)"
 fi
 GEN=()
