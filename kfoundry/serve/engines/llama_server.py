@@ -13,8 +13,10 @@ quoted when it fails to start.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -45,6 +47,12 @@ def find_llama_server(explicit: str | Path | None = None) -> Path:
     if found:
         return Path(found)
     raise FileNotFoundError(f"llama.cpp's llama-server was not found; {BUILD_HINT}")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent dies, so a killed `kfoundry serve`
+    never leaves a llama-server behind holding the model and a port (PR_SET_PDEATHSIG = 1)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -90,7 +98,8 @@ class LlamaServer:
     def start(self) -> Self:
         self.port = free_port()
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.close()
         deadline = time.monotonic() + self.start_timeout
         while True:
