@@ -13,11 +13,12 @@ shared each forward pass on average (from /health). The peer for the batching cl
 answering the same requests one by one (1 client): the speedup is the tokens/s at `--speedup-clients`
 (default 8) divided by the tokens/s at 1 client. Goal: >= 2x.
 
-With `--slow-clients N`, every level is run twice on the same server: once as above, then again while N
-"slowloris" sockets are held open — each sends a request line and then one header line per second, never
-finishing its headers, and is reopened as soon as the server closes it (header timeout), so N are held
-throughout. The peer for that figure is the same level without them: the ratio of tokens/s shows what the
-slow clients cost real ones. /health latency is sampled during the slow run too.
+With `--slow-clients N`, every level is run twice on the same server, one right after the other: once as
+above, then again while N "slowloris" sockets are held open — each sends a request line and then one header
+line per second, never finishing its headers, and is reopened as soon as the server closes it (header
+timeout), so N are held throughout. The peer for that figure is the same level without them: the ratio of
+tokens/s shows what the slow clients cost real ones. /health latency is sampled before each level, with the
+slow sockets held and without them.
 
 Nothing here leaves the machine: the server binds 127.0.0.1 and the clients only talk to it.
 """
@@ -224,17 +225,20 @@ def main() -> int:
         port = free_port()
         proc = start_server(model, port, args)
         url = f"http://127.0.0.1:{port}"
-        slow_results, health = [], None
+        results, slow_results, health, base_health = [], [], [], []
+        held = reopened = 0
         try:
-            run_level(url, 2, 4, 8, 30)  # warm-up: first-call allocations, not measured
-            results = [run_level(url, c, args.requests, args.max_tokens, args.time_limit) for c in levels]
-            if args.slow_clients:
-                with SlowClients("127.0.0.1", port, args.slow_clients) as slow:
-                    health = health_latency(url)
-                    slow_results = [run_level(url, c, args.requests, args.max_tokens, args.time_limit)
-                                    for c in levels]
-                    health_after = health_latency(url)
-                    held, reopened = slow.held, slow.reopened
+            for c in levels:  # warm-up: first-call allocations and each batch shape's first pass, not measured
+                run_level(url, c, c, 8, 30)
+            for c in levels:
+                if args.slow_clients:
+                    base_health.append(health_latency(url))
+                results.append(run_level(url, c, args.requests, args.max_tokens, args.time_limit))
+                if args.slow_clients:  # the same level right after, while the slow sockets are held
+                    with SlowClients("127.0.0.1", port, args.slow_clients) as slow:
+                        health.append(health_latency(url))
+                        slow_results.append(run_level(url, c, args.requests, args.max_tokens, args.time_limit))
+                        held, reopened = min(held or slow.held, slow.held), reopened + slow.reopened
         finally:
             proc.terminate()
             proc.wait(30)
@@ -258,11 +262,12 @@ def main() -> int:
     report = {"levels": results, "speedup": round(speedup, 2)}
     if args.slow_clients:
         print()
-        print(f"with {args.slow_clients} slowloris sockets held (held at the end: {held}; reopened after the "
-              f"server closed them: {reopened}):")
-        print(f"/health while held: p50 {health['p50_ms']} ms, worst {health['max_ms']} ms, failed {health['failed']}"
-              f"/20 (at the start); p50 {health_after['p50_ms']} ms, worst {health_after['max_ms']} ms, failed "
-              f"{health_after['failed']}/20 (at the end)")
+        print(f"with {args.slow_clients} slowloris sockets held during each level (fewest held at a level's end: "
+              f"{held}; reopened after the server closed them: {reopened}):")
+        for c, h, b in zip(levels, health, base_health):
+            print(f"/health before the {c}-client level: p50 {h['p50_ms']} ms, worst {h['max_ms']} ms, failed "
+                  f"{h['failed']}/20 (without slow clients: p50 {b['p50_ms']} ms, worst {b['max_ms']} ms, failed "
+                  f"{b['failed']}/20)")
         print()
         print("| clients | requests | errors | tokens/s | tokens/s without slow clients | ratio | p50 latency (s) | "
               "p99 latency (s) |")
@@ -272,7 +277,7 @@ def main() -> int:
             ratio = r["tokens_per_s"] / peer["tokens_per_s"] if peer["tokens_per_s"] else float("nan")
             print(f"| {r['clients']} | {r['requests']} | {errs} | {r['tokens_per_s']} | {peer['tokens_per_s']} | "
                   f"{ratio:.2f} | {r['p50_s']} | {r['p99_s']} |")
-        report.update(slow_clients=args.slow_clients, slow_levels=slow_results, health=[health, health_after],
+        report.update(slow_clients=args.slow_clients, slow_levels=slow_results, health=health, base_health=base_health,
                       slow_held=held, slow_reopened=reopened)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

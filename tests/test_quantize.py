@@ -136,7 +136,7 @@ def test_serve_with_int8_weights_answers_like_generate(tok, trained, tmp_path):
         prompt = "대한민국은"
         want = generate(q, [tok.encode(prompt, bos=True)], SamplingParams(max_new_tokens=8),
                         stop_ids={tok.eos_id, tok.eot_id})[0]
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://localhost") as client:  # a loopback Host (kfoundry/serve/guard.py)
             r = client.post("/v1/completions", json={"model": ckpt.name, "prompt": prompt, "max_tokens": 8,
                                                      "temperature": 0})
         assert r.status_code == 200, r.text

@@ -7,6 +7,7 @@ same whatever the weights, and greedy answers can be checked token for token aga
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -344,7 +345,8 @@ def test_cli_serve_with_api_key_file(ckpt, tmp_path):
     key_file.write_text("sekret-from-file\n")
     env = {k: v for k, v in os.environ.items() if k != "KFOUNDRY_API_KEY"}
     proc = subprocess.Popen([sys.executable, "-m", "kfoundry", "serve", "--model", str(ckpt), "--port", str(port),
-                             "--api-key-file", str(key_file), "--model-name", MODEL, "--log-level", "warning"],
+                             "--api-key-file", str(key_file), "--model-name", MODEL, "--log-level", "warning",
+                             "--shutdown-grace", "0"],
                             env={**env, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
@@ -368,8 +370,20 @@ def test_cli_serve_with_api_key_file(ckpt, tmp_path):
         assert r.usage.completion_tokens <= 5
         rebound = httpx.get(url + "/health", headers={"Host": "evil.example"})
         assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+        # SIGTERM with a stream in flight (grace 0): the stream ends with an error event, not a dropped connection.
+        body = {"model": MODEL, "prompt": "안녕하세요 😀", "max_tokens": 480, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30,
+                          headers={"Authorization": "Bearer sekret-from-file"}) as r:
+            assert r.status_code == 200
+            # The headers come as generation starts; greedy on these random weights never ends early, so
+            # hundreds of tokens are still to come when the signal lands.
+            proc.send_signal(signal.SIGTERM)
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert json.loads(events[-1][6:])["error"]["code"] == "server_shutting_down", events[-3:]
+        assert len(events) < 480
     finally:
-        proc.send_signal(signal.SIGTERM)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(20)
         except subprocess.TimeoutExpired:

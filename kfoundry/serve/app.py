@@ -39,13 +39,16 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kfoundry.checkpoint import load_model, load_tokenizer
+from kfoundry.model.quantize import quantize_int8
 from kfoundry.serve import openai_format as fmt
 from kfoundry.serve.engine import Engine, QueueFull
 from kfoundry.serve.errors import APIError, error_event
 from kfoundry.serve.generation import Aborted, Generation, GenerationError
 from kfoundry.serve.guard import Drain, Guard, GuardConfig
 from kfoundry.serve.hosts import LOOPBACK_NAMES
-from kfoundry.serve.plan import GenerationPlan, Limits, plan_request
+from kfoundry.serve.plan import GenerationPlan, Limits, check_model, plan_request
+from kfoundry.serve.scheduler import Scheduler
 from kfoundry.serve.schemas import (ChatCompletionResponse, ChatRequest, CompletionRequest, CompletionResponse,
                                     ErrorResponse, Health, ModelCard, ModelList)
 
@@ -78,13 +81,8 @@ def app_from_checkpoint(path: str | Path, cfg: ServeConfig | None = None, *, dev
                         max_queue: int = 64, start: bool = True, quantize: str | None = None) -> tuple[FastAPI, Engine]:
     """Load a checkpoint directory and build its app and scheduler (started unless `start=False`).
     quantize="int8" serves int8 weight-only matrices (kfoundry/model/quantize.py): a quarter of the weight memory."""
-    from kfoundry.checkpoint import load_model, load_tokenizer
-    from kfoundry.serve.scheduler import Scheduler
-
     model = load_model(path, device=device)
     if quantize == "int8":
-        from kfoundry.model.quantize import quantize_int8
-
         quantize_int8(model)
     elif quantize is not None:
         raise ValueError(f"unknown quantization {quantize!r} (use int8)")
@@ -131,7 +129,7 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models/{name}", response_model=ModelCard, responses=ERRORS)
     async def model(name: str):
-        answer.check_model(name)
+        check_model(name, cfg.model_name)
         return fmt.model_card(cfg.model_name, created, engine.max_len)
 
     @app.post("/v1/completions", responses=post_responses(CompletionResponse))
@@ -155,11 +153,6 @@ class Answerer:
                              max_tokens=cfg.max_tokens, default_max_tokens=cfg.default_max_tokens,
                              max_prompts=cfg.max_prompts)
         self.stop_ids = frozenset({tokenizer.eos_id, tokenizer.eot_id})
-
-    def check_model(self, name: str) -> None:
-        if name != self.cfg.model_name:
-            raise APIError(404, f"model {name!r} does not exist; this server serves {self.cfg.model_name!r}",
-                           "not_found_error", param="model", code="model_not_found")
 
     async def __call__(self, request: Request, body: CompletionRequest | ChatRequest) -> Response:
         plan = await asyncio.to_thread(plan_request, body, self.tokenizer, self.limits)  # tokenizing takes time

@@ -100,7 +100,8 @@ def _serve(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(model_name=args.model_name or path.resolve().name, api_key=api_key(args),
                       request_timeout=args.timeout, max_tokens=args.max_tokens,
-                      default_max_tokens=args.default_max_tokens, allowed_hosts=allowed_hosts(args.host, args.allow_host),
+                      default_max_tokens=args.default_max_tokens,
+                      allowed_hosts=allowed_hosts(args.host, args.allow_host),
                       max_connections=args.max_connections, header_timeout=args.header_timeout,
                       body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace)
     workdir = tempfile.TemporaryDirectory(prefix="kfoundry-serve-")

@@ -59,15 +59,21 @@ class GenerationPlan:
 
 def plan_request(body: CompletionRequest | ChatRequest, tokenizer, limits: Limits) -> GenerationPlan:
     """Check `body` against `limits`, tokenize it, and decide how to generate (raises APIError)."""
-    if body.model is not None and body.model != limits.model_name:
-        raise APIError(404, f"model {body.model!r} does not exist; this server serves {limits.model_name!r}",
-                       "not_found_error", param="model", code="model_not_found")
+    if body.model is not None:
+        check_model(body.model, limits.model_name)
     chat = isinstance(body, ChatRequest)
     prompts = [chat_prompt(body, tokenizer)] if chat else completion_prompts(body.prompt, tokenizer, limits)
     params = sampling_params(body, prompts, limits, prompt_param="messages" if chat else "prompt")
     return GenerationPlan(chat=chat, prompts=prompts, params=params, n=body.n or 1,
                           stop=[nfc(s) for s in body.stop_list()], stream=bool(body.stream),
                           include_usage=bool(body.stream_options and body.stream_options.include_usage))
+
+
+def check_model(name: str, served: str) -> None:
+    """404 unless `name` is the model this server serves."""
+    if name != served:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {served!r}", "not_found_error",
+                       param="model", code="model_not_found")
 
 
 def chat_prompt(body: ChatRequest, tokenizer) -> list[int]:
