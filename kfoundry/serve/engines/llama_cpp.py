@@ -90,12 +90,14 @@ class LlamaCppEngine:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self._loop is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._close_client(), self._loop).result(timeout)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self.server.close()
+        try:
+            if self._loop is not None and self._loop.is_running():
+                asyncio.run_coroutine_threadsafe(self._close_client(), self._loop).result(timeout)
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout)
+        finally:  # whatever happened above, the llama-server process goes
+            self.server.close()
 
     @property
     def alive(self) -> bool:
