@@ -3,6 +3,7 @@
     python bench/serve_engines.py                        # random ~26M-parameter model, 1/8/16 clients
     python bench/serve_engines.py --shape cpu-tiny       # the cpu-tiny preset's shape
     python bench/serve_engines.py --model CKPT           # a checkpoint of yours
+    python bench/serve_engines.py --decode-steps         # only the torch engine's decode step, before and after
 
 Three servers on loopback, the same model (the checkpoint, and its GGUF F32 export for llama.cpp) and the same
 requests (/v1/completions, greedy, `--max-tokens` tokens, Korean and English prompts):
@@ -69,6 +70,38 @@ def build_checkpoint(out: Path, shape: str) -> Path:
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
                       max_seq_len=512, tie_embeddings=True)
     return save_checkpoint(out, Transformer.build(cfg, seed=0), tok, meta={"stage": "random-init"})
+
+
+def decode_steps(shape: str, threads: int, reps: int) -> None:
+    """Time one batched decode step at 1, 8 and 16 rows: the model's own forward with a slot cache (GenericSlots,
+    what the torch engine ran before) against the prepared path (PreparedSlots), interleaved, same weights."""
+    import torch
+
+    from kfoundry.config import ModelConfig
+    from kfoundry.model.llama import Transformer
+    from kfoundry.serve.batch import GenericSlots, PreparedSlots
+
+    torch.set_num_threads(threads)
+    dim, layers, heads, kv, ffn, vocab = SHAPES[shape]
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
+                      max_seq_len=512, tie_embeddings=True)
+    model = Transformer.build(cfg, seed=0).eval()
+    for rows in (1, 8, 16):
+        paths = {cls.__name__: cls(model, 16, 512) for cls in (GenericSlots, PreparedSlots)}
+        best = {name: float("inf") for name in paths}
+        with torch.inference_mode():
+            for s in paths.values():
+                for i in range(rows):
+                    s.prefill(i, list(range(1, 20 + i)))
+            pos, tok = torch.tensor([19 + i for i in range(rows)]), torch.ones(rows, dtype=torch.long)
+            for _ in range(5):  # alternate the two, best of 5 rounds: the fairest figure on a shared machine
+                for name, s in paths.items():
+                    t = time.perf_counter()
+                    for _ in range(reps):
+                        s.step(tok, pos)
+                    best[name] = min(best[name], (time.perf_counter() - t) / reps * 1e3)
+        g, p = best["GenericSlots"], best["PreparedSlots"]
+        print(f"| {shape} | {rows} | {g:.2f} | {p:.2f} | {g / p:.2f}x |", flush=True)
 
 
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300) -> None:
@@ -138,7 +171,15 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=16, help="torch batch rows = llama.cpp slots")
     ap.add_argument("--threads", type=int, default=2, help="threads of every server")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--decode-steps", action="store_true", help="only time the torch decode step (no servers)")
     args = ap.parse_args()
+    if args.decode_steps:
+        print("| shape | rows | general forward (ms/step) | prepared step (ms/step) | speedup |")
+        print("|---|---:|---:|---:|---:|")
+        for shape in ("cpu-tiny", "25m"):
+            decode_steps(shape, args.threads, reps=20)
+        print(f"threads {args.threads}; load average {os.getloadavg()[0]:.2f}")
+        return 0
     levels = [int(c) for c in args.clients.split(",")]
 
     from kfoundry.export.gguf import export_gguf
