@@ -11,16 +11,30 @@ Occupied slots are kept contiguous (slots 0..n-1): when a sequence leaves, the l
 (`SlotCache.move`). A decode step is then a plain slice of the cache, not a gather, so no step copies the
 cache.
 
-The model file is used unchanged: `Transformer.forward(idx, positions=, attn_mask=, cache=)` only calls
-`cache.update(layer, k, v)` and bumps `cache.length`, so `SlotCache` is a drop-in cache object.
+Two implementations of the same arithmetic, chosen by `make_slots`:
+
+- `PreparedSlots` (CPU float32 and int8 models, the case that matters for CPU serving): the decode step runs
+  the weights prepared by `kfoundry.model.decode` (q/k/v and gate/up stacked into one matrix each, RMSNorm
+  gains and the attention scale folded into the matrices, rotary as one complex multiplication in the
+  interleaved layout), batched over rows: about a dozen operators per layer whatever the batch size, where
+  the general forward needs about thirty. At the sizes we serve on a CPU (a few million to a few tens of
+  millions of parameters) a decode step is a few hundred microseconds to a few milliseconds, so each operator's
+  fixed dispatch cost is a large part of it.
+- `GenericSlots` (any other device or dtype): the model file's own forward with `SlotCache` as its cache.
+  `Transformer.forward(idx, positions=, attn_mask=, cache=)` only calls `cache.update(layer, k, v)` and bumps
+  `cache.length`, so `SlotCache` is a drop-in cache object.
+
+Both give the logits of the general forward to float rounding (tests/test_serve.py compares them).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kfoundry.config import ModelConfig
-from kfoundry.model.llama import Transformer
+from kfoundry.model.decode import SequenceDecoder, _signature
+from kfoundry.model.llama import KVCache, Transformer, rope_cos_sin
 
 
 class SlotCache:
@@ -111,3 +125,122 @@ def decode_step(model: Transformer, cache: SlotCache, tokens: torch.Tensor, posi
     keys = torch.arange(cache.kv_len, device=tokens.device)
     mask = (keys[None, :] <= pos)[:, None, None, :]  # [n, 1, 1, kv_len]: True = may attend
     return model(tokens[:, None], positions=pos, attn_mask=mask, cache=cache)[:, -1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The two slot implementations the scheduler uses: prefill(slot, prompt), step(tokens, positions), move(...)
+
+
+class GenericSlots:
+    """`SlotCache` and the model's own forward: works for every device, dtype and quantization."""
+
+    def __init__(self, model: Transformer, n_slots: int, max_len: int):
+        param = next(model.parameters())
+        self.model = model
+        self.cache = SlotCache(model.cfg, n_slots, max_len, param.device, param.dtype)
+
+    def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        return prefill(self.model, self.cache, slot, prompt)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return decode_step(self.model, self.cache, tokens, positions)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.cache.move(src, dst, length)
+
+
+class PreparedSlots:
+    """Slots decoded with `kfoundry.model.decode`'s prepared weights, batched over rows (see the module docstring).
+
+    The cache of a layer is one tensor [n_slots, 2, n_kv_heads, max_len, head_dim] (keys, then values), keys
+    in the interleaved rotary layout the prepared q/k rows produce, so one indexed write stores a step's keys
+    and values for every row.
+    """
+
+    @staticmethod
+    def supports(model: Transformer) -> bool:
+        return SequenceDecoder.supports(model)
+
+    def __init__(self, model: Transformer, n_slots: int, max_len: int):
+        if not self.supports(model):
+            raise ValueError("PreparedSlots runs float32 or int8 models on the CPU")
+        cfg = self.cfg = model.cfg
+        self.model, self.max_len = model, max_len
+        signature, cached = _signature(model), model.__dict__.get("_sequence_decoder_weights")
+        if cached is None or cached[0] != signature:  # the same prepared weights as SequenceDecoder, shared
+            cached = (signature, SequenceDecoder._prepare(model))
+            model.__dict__["_sequence_decoder_weights"] = cached
+        self.layers, self.order = cached[1]
+        self.kv = [torch.zeros(n_slots, 2, cfg.n_kv_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
+        cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq, torch.float32)
+        half = cfg.head_dim // 2
+        self.rot = torch.complex(cos[0, :, :half], sin[0, :, :half])  # [max_len, head_dim / 2]
+        self.key_pos = torch.arange(max_len)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        """The general forward over the prompt (matrix-matrix products are its fast path), keys moved in."""
+        T = len(prompt)
+        if T == 0 or T > self.max_len:
+            raise ValueError(f"prompt of {T} tokens does not fit a slot of {self.max_len} positions")
+        cache = KVCache(self.cfg, 1, T, device="cpu", dtype=torch.float32)
+        logits = self.model(torch.tensor([prompt]), cache=cache)[0, -1]
+        for layer, kv in enumerate(self.kv):
+            kv[slot, 0, :, :T] = cache.k[layer][0][..., self.order]
+            kv[slot, 1, :, :T] = cache.v[layer][0]
+        return logits
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of slots 0..n-1 at its own position; logits [n, vocab]."""
+        cfg, n = self.cfg, tokens.shape[0]
+        H, KH, D, FF = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"KV cache full: position {kv_len - 1} >= max_len {self.max_len}")
+        rows = torch.arange(n)
+        rot = self.rot[positions][:, None]  # [n, 1, D/2]: one rotation per row, broadcast over heads
+        # Row i may attend to its keys 0..positions[i]; the query heads of a kv head ride along as SDPA's query
+        # length (G of them), so grouped-query attention needs no copies of keys or values.
+        mask = (self.key_pos[:kv_len][None, :] <= positions[:, None])[:, None, None, :]  # [n, 1, 1, kv_len]
+        x = self.model.model.embed_tokens(tokens)
+        for layer, kv in zip(self.layers, self.kv):
+            qkv = _linear(layer.qkv, F.rms_norm(x, (cfg.dim,), eps=cfg.norm_eps))
+            qk = qkv[:, : (H + KH) * D].view(n, H + KH, D)
+            if layer.qk_norm is not None:
+                gq, gk, eps = layer.qk_norm
+                qk[:, :H] = F.rms_norm(qk[:, :H], (D,), gq, eps)
+                qk[:, H:] = F.rms_norm(qk[:, H:], (D,), gk, eps)
+            torch.view_as_complex(qk.view(n, H + KH, D // 2, 2)).mul_(rot)  # rotary on q and k, in place
+            kv[rows, :, :, positions] = qkv[:, H * D:].view(n, 2, KH, D)  # this step's keys and values
+            block = kv[:n, :, :, :kv_len]
+            q = qkv[:, : H * D].view(n, KH, H // KH, D)
+            y = F.scaled_dot_product_attention(q, block[:, 0], block[:, 1], attn_mask=mask, scale=1.0)
+            x = _linear(layer.o, y.reshape(n, H * D), add=x)
+            gu = _linear(layer.gate_up, F.rms_norm(x, (cfg.dim,), eps=cfg.norm_eps))
+            x = _linear(layer.down, F.silu(gu[:, :FF]).mul_(gu[:, FF:]), add=x)
+        h = F.rms_norm(x, (cfg.dim,), self.model.model.norm.weight, cfg.norm_eps)
+        return self.model.lm_head(h)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        if src == dst or length == 0:
+            return
+        for kv in self.kv:
+            kv[dst, :, :, :length] = kv[src, :, :, :length]
+
+
+def _linear(mv, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ add) for a prepared `MatVec` matrix and rows x [n, in]: float weights in one BLAS call."""
+    if mv.weight is not None:
+        return F.linear(x, mv.weight) if add is None else torch.addmm(add, x, mv.weight.t())
+    if mv.in_scale is not None:  # int8 rows keep the RMSNorm gain out of the weights: apply it to x
+        x = x * mv.in_scale
+    y = mv.int8(x)
+    return y if add is None else y.add_(add)
+
+
+def make_slots(model: Transformer, n_slots: int, max_len: int) -> GenericSlots | PreparedSlots:
+    """The fast prepared path where it applies (CPU float32 / int8), the model's own forward elsewhere."""
+    if PreparedSlots.supports(model):
+        return PreparedSlots(model, n_slots, max_len)
+    return GenericSlots(model, n_slots, max_len)

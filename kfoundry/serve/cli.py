@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
 
 KEY_ENV = "KFOUNDRY_API_KEY"
@@ -41,6 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quantize", choices=["int8"], default=None, help="int8 weight-only matrices (CPU serving)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (torch.set_num_threads; default: torch's choice)")
+    p.add_argument("--engine", choices=ENGINES, default="torch",
+                   help="what runs the model behind our API: torch (ours) or llama.cpp (its llama-server on a GGUF)")
+    p.add_argument("--gguf", default=None, help="llama.cpp: serve this GGUF export of --model instead of exporting")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
+                   help="llama.cpp: storage type when exporting --model (default f32: the checkpoint's own weights)")
+    p.add_argument("--llama-server", default=None,
+                   help="llama.cpp: the llama-server binary (default: $KFOUNDRY_LLAMA_SERVER, beside python, PATH)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
 
@@ -95,14 +104,43 @@ def _serve(args) -> int:
                       allowed_hosts=allowed_hosts(args.host, args.allow_host),
                       max_connections=args.max_connections, header_timeout=args.header_timeout,
                       body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace)
-    app, scheduler = app_from_checkpoint(path, cfg, device=args.device, max_batch=args.max_batch,
-                                         max_queue=args.max_queue, quantize=args.quantize)
+    workdir = tempfile.TemporaryDirectory(prefix="kfoundry-serve-")
+    if args.engine == "llama.cpp":
+        app, scheduler = _llama_cpp_app(path, cfg, args, Path(workdir.name))
+    else:
+        app, scheduler = app_from_checkpoint(path, cfg, device=args.device, max_batch=args.max_batch,
+                                             max_queue=args.max_queue, quantize=args.quantize)
     if cfg.api_key is None and not is_loopback(args.host):
         print(f"kfoundry serve: warning: listening on {args.host} without an API key", file=sys.stderr)
-    print(f"kfoundry serve: {cfg.model_name} (context {scheduler.max_len}, batch {args.max_batch}) on "
+    print(f"kfoundry serve: {cfg.model_name} on {args.engine} (context {scheduler.max_len}, batch {args.max_batch}) on "
           f"http://{args.host}:{args.port}/  (API: /v1)", file=sys.stderr, flush=True)
     try:
         serve(app, args.host, args.port, log_level=args.log_level)
     finally:
         scheduler.stop()
+        workdir.cleanup()
     return 0
+
+
+def _llama_cpp_app(path: Path, cfg, args, workdir: Path):
+    """Our front over llama-server: export the checkpoint to GGUF (unless --gguf names one) and start it."""
+    from kfoundry.checkpoint import load_config, load_tokenizer
+    from kfoundry.serve.app import create_app
+    from kfoundry.serve.engines.llama_cpp import LlamaCppEngine
+    from kfoundry.serve.engines.llama_server import find_llama_server
+
+    if args.quantize:
+        raise ValueError("--quantize is for the torch engine; with llama.cpp choose --gguf-type q8_0 or q4_0")
+    binary = find_llama_server(args.llama_server)  # before a possibly long export: fail fast without a binary
+    gguf = Path(args.gguf) if args.gguf else None
+    if gguf is None:
+        from kfoundry.export.gguf import export_gguf  # the serve CLI composes export and serve
+
+        gguf = export_gguf(path, workdir / f"model-{args.gguf_type}.gguf", out_type=args.gguf_type).path
+    elif not gguf.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    tokenizer, model_cfg = load_tokenizer(path), load_config(path)
+    engine = LlamaCppEngine(gguf, max_len=model_cfg.max_seq_len, max_batch=args.max_batch, max_queue=args.max_queue,
+                            threads=args.threads, binary=binary,
+                            banned_ids=range(tokenizer.vocab_size, model_cfg.vocab_size)).start()
+    return create_app(engine, tokenizer, cfg), engine

@@ -18,32 +18,31 @@ from kfoundry.model.generate import SamplingParams
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[torch.Generator | None]) -> list[int]:
     """One token id per row of `logits` [B, V]; temperature 0 means greedy for that row."""
-    out = [0] * len(params)
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-    if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-            out[i] = t
     rows = [i for i, p in enumerate(params) if p.temperature != 0]
+    # Every row's argmax in one pass: the answer for greedy rows (the common case for every row at once),
+    # and a placeholder that the sampled rows overwrite.
+    out = logits.argmax(dim=-1).tolist()
     if not rows:
         return out
-    x = logits[rows].float()
+    x = logits[rows].float() if len(rows) < len(params) else logits.float()
     x = x / torch.tensor([params[i].temperature for i in rows], device=x.device)[:, None]
-    top_k = torch.tensor([params[i].top_k for i in rows], device=x.device)
-    if bool((top_k > 0).any()):
+    if any(params[i].top_k > 0 for i in rows):
         # Keep each row's k best (k = 0: all): compare with the row's k-th largest value.
-        k = torch.where(top_k > 0, top_k, x.shape[-1]).clamp(max=x.shape[-1])
+        k = torch.tensor([params[i].top_k or x.shape[-1] for i in rows], device=x.device).clamp(max=x.shape[-1])
         kth = x.sort(dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
         x = x.masked_fill(x < kth, float("-inf"))
-    top_p = torch.tensor([params[i].top_p for i in rows], device=x.device)
-    if bool((top_p < 1).any()):
+    if any(params[i].top_p < 1 for i in rows):
         # Keep the smallest set of best tokens whose mass reaches top_p (the best one always stays).
+        top_p = torch.tensor([params[i].top_p for i in rows], device=x.device)
         sorted_x, order = x.sort(dim=-1, descending=True)
         probs = sorted_x.softmax(dim=-1)
         drop = probs.cumsum(dim=-1) - probs > top_p[:, None]
         x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
     probs = x.softmax(dim=-1)
-    noise = torch.stack([torch.empty(x.shape[-1], device=x.device).exponential_(generator=generators[i])
-                         for i in rows])
+    noise = torch.empty_like(probs).exponential_()  # rows without a seed share one draw from torch's generator
+    for j, i in enumerate(rows):
+        if generators[i] is not None:  # a seeded row draws from its own generator: the same whatever the batch
+            noise[j].exponential_(generator=generators[i])
     for i, t in zip(rows, (probs / noise).argmax(dim=-1).tolist()):
         out[i] = t
     return out

@@ -33,7 +33,7 @@ import torch
 
 from kfoundry.model.generate import SamplingParams
 from kfoundry.model.llama import Transformer
-from kfoundry.serve.batch import SlotCache, decode_step, prefill
+from kfoundry.serve.batch import make_slots
 from kfoundry.serve.sampling import sample_rows
 
 # One report: (choice index, token id or None, finish reason or None). A finish reason ends that choice:
@@ -119,7 +119,7 @@ class Scheduler:
         self.device, self.dtype = param.device, param.dtype
         self.max_len = max_len or model.cfg.max_seq_len
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = SlotCache(model.cfg, max_batch, self.max_len, self.device, self.dtype)
+        self.slots = make_slots(model, max_batch, self.max_len)
         self.stats = SchedulerStats()
         self._waiting: deque[Ticket] = deque()
         self._running: list[_Seq] = []  # _running[i] lives in slot i
@@ -167,7 +167,7 @@ class Scheduler:
     def load(self) -> dict:
         """Running sequences and waiting tickets right now."""
         with self._cond:
-            return {"running": len(self._running), "waiting": len(self._waiting), "max_batch": self.max_batch,
+            return {"engine": "torch", "running": len(self._running), "waiting": len(self._waiting), "max_batch": self.max_batch,
                     "max_queue": self.max_queue}
 
     # ---------------------------------------------------------------------------------- scheduler side
@@ -221,7 +221,7 @@ class Scheduler:
         last = len(self._running) - 1
         if slot != last:
             moved = self._running[last]
-            self.cache.move(last, slot, moved.length)
+            self.slots.move(last, slot, moved.length)
             self._running[slot] = moved
         self._running.pop()
 
@@ -242,7 +242,7 @@ class Scheduler:
     def _start(self, ticket: Ticket) -> None:
         """Prefill the ticket's prompt, fork it into n slots and report each choice's first token."""
         first = len(self._running)
-        logits = prefill(self.model, self.cache, first, ticket.prompt)
+        logits = self.slots.prefill(first, ticket.prompt)
         self.stats.prefills += 1
         p = ticket.params
         seqs = []
@@ -251,7 +251,7 @@ class Scheduler:
             if p.seed is not None:  # one generator per choice, so choices differ and each is reproducible
                 gen = torch.Generator(device=self.device).manual_seed(p.seed + c)
             if c:
-                self.cache.move(first, first + c, len(ticket.prompt))
+                self.slots.move(first, first + c, len(ticket.prompt))
             seqs.append(_Seq(ticket, c, len(ticket.prompt), 0, -1, gen))
         self._running.extend(seqs)
         rows = logits[None].expand(ticket.n, -1)
@@ -262,7 +262,7 @@ class Scheduler:
         tokens = torch.tensor([s.last for s in self._running], dtype=torch.long, device=self.device)
         positions = torch.tensor([s.length for s in self._running], dtype=torch.long, device=self.device)
         try:
-            logits = decode_step(self.model, self.cache, tokens, positions)
+            logits = self.slots.step(tokens, positions)
         except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
             for i in reversed(range(n)):
                 seq = self._running[i]
@@ -279,9 +279,8 @@ class Scheduler:
 
     def _sample(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
         """One token per row, each with its request's settings and its own random generator."""
-        if self.vocab_size is not None:
-            logits = logits.clone()
-            logits[:, self.vocab_size:] = float("-inf")
+        if self.vocab_size is not None:  # ids past the tokenizer's: a prefix of the columns excludes them, no copy
+            logits = logits[:, : self.vocab_size]
         return sample_rows(logits, [s.ticket.params for s in seqs], [s.gen for s in seqs])
 
     def _accept(self, slots: list[int], tokens: list[int]) -> None:
