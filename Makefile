@@ -7,6 +7,8 @@ OUT ?= runs/speedrun
 # llama-cpp-python (test extra) compiles llama.cpp from source once; pip caches the wheel (~/.cache/pip) after that.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# llama.cpp's server: QUICK=1 builds its HTTP/JSON helpers at -O0/-O1 (the model's arithmetic stays -O3)
+LLAMA_SERVER_QUICK ?= 1
 
 .PHONY: setup speedrun test clean
 
@@ -18,6 +20,7 @@ setup: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(strip $(TORCH_PIN))"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/kfoundry eval --install-lm-eval-plugin >/dev/null  # `lm_eval --model kfoundry` (lm-eval 0.4 has no plugin discovery)
+	PY=$(BIN)/python JOBS=$(JOBS) QUICK=$(LLAMA_SERVER_QUICK) scripts/build_llama_server.sh $(BIN)  # `kfoundry serve --engine llama.cpp`; cached per machine
 
 speedrun: setup
 	$(BIN)/kfoundry speedrun --out $(OUT)

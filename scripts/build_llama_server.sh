@@ -29,6 +29,18 @@ if [ -x "$DEST/llama-server" ] && [ -f "$DEST/.llama-server-version" ] && [ "$(c
   echo "build_llama_server: $DEST/llama-server ($VERSION) is already built"; exit 0
 fi
 
+# A built server is kept in the user's cache, keyed by the llama.cpp version, the build options and this script,
+# the way pip keeps built wheels: a fresh clone or a new venv on the same machine copies it instead of compiling.
+CACHE_DIR=${KFOUNDRY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kfoundry}
+KEY="$VERSION-native${GGML_NATIVE}-quick${QUICK:-0}-$(sha256sum "$0" | cut -c1-12)"
+CACHED="$CACHE_DIR/llama-server-$KEY"
+if [ -x "$CACHED" ]; then
+  mkdir -p "$DEST"
+  install -m 755 "$CACHED" "$DEST/llama-server"
+  echo "$VERSION" >"$DEST/.llama-server-version"
+  echo "build_llama_server: $DEST/llama-server copied from $CACHED"; exit 0
+fi
+
 start=$(date +%s)
 SRC="$BUILD_DIR/src"
 if [ ! -f "$SRC/llama_cpp_python-$VERSION/vendor/llama.cpp/CMakeLists.txt" ]; then
@@ -88,5 +100,6 @@ cmake --build "$BUILD_DIR/cmake" --target llama-server -j "$JOBS" >"$BUILD_DIR/c
 mkdir -p "$DEST"
 install -m 755 "$BUILD_DIR/cmake/bin/llama-server" "$DEST/llama-server"
 echo "$VERSION" >"$DEST/.llama-server-version"
+mkdir -p "$CACHE_DIR" && install -m 755 "$BUILD_DIR/cmake/bin/llama-server" "$CACHED.tmp" && mv "$CACHED.tmp" "$CACHED"
 echo "build_llama_server: $DEST/llama-server (llama-cpp-python $VERSION's llama.cpp, GGML_NATIVE=$GGML_NATIVE)" \
      "built in $(( $(date +%s) - start )) s with $JOBS jobs"
