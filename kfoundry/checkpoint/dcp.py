@@ -115,15 +115,19 @@ class PendingSave:
         return self.final
 
 
-_IO_GROUP = None
+_IO_GROUPS: dict[int, Any] = {}
 
 
 def _io_group():
-    """A gloo group for the background writer: its collectives must not share a queue with training's."""
-    global _IO_GROUP
-    if _IO_GROUP is None and _rank_world()[1] > 1:
-        _IO_GROUP = dist.new_group(backend="gloo")
-    return _IO_GROUP
+    """A gloo group for the background writer: its collectives must not share a queue with training's. One per
+    default process group (a process that tears its group down and joins a new one gets a new writer group)."""
+    if _rank_world()[1] == 1:
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _IO_GROUPS:
+        _IO_GROUPS.clear()
+        _IO_GROUPS[key] = dist.new_group(backend="gloo")
+    return _IO_GROUPS[key]
 
 
 def save_sharded(final: str | Path, model, optimizer, write_rest: Callable[[Path], dict[str, str]], *,

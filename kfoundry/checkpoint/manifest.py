@@ -21,9 +21,10 @@ from kfoundry.errors import CheckpointError
 from kfoundry.fileio import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
-# Written beside the manifest, after it, by the provenance layer (record_checkpoint): the ledger line that records
-# this checkpoint. It cannot be in the manifest, whose hash that line holds; it is JSON, never executed or unpickled.
-SIDE_FILES = frozenset({"ledger_entry.json"})
+# Written beside the manifest, after it, by the provenance layer: the ledger line that records this checkpoint
+# (ledger_entry.json), and for a checkpoint that is its own run (a merge, an upscale, an import) the ledger itself
+# and its head. They cannot be in the manifest, whose hash the ledger holds; they are JSON, never executed.
+SIDE_FILES = frozenset({"ledger_entry.json", "ledger.jsonl", "ledger.head.json"})
 
 
 def files_of(directory: Path) -> list[str]:
