@@ -160,7 +160,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     bands = dd.get("cluster_size_by_band") or {}
     if bands:
         lines += ["", "Near-duplicate cluster sizes of the curated documents by length (characters; documents of "
-                  "at most 500 characters are compared by character 5-grams, longer ones by word 5-grams):", "",
+                  "at most 500 characters are compared by character 4-grams, longer ones by word 5-grams):", "",
                   "| length | documents | in a cluster (size > 1) | cluster sizes (size: documents) |",
                   "|---|---:|---:|---|"]
         for band in sorted(bands, key=lambda b: int(b.split("-")[0].rstrip("+"))):

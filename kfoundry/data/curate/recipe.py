@@ -72,7 +72,7 @@ class DedupConfig:
     hashes_per_bucket: int = 8
     # Short documents (at most char_max_chars characters once simplified) get character n-gram shingles
     # instead of word n-grams; char_n_grams: 0 turns that off (see stages.ShingleMinhashSignature).
-    char_n_grams: int = 5
+    char_n_grams: int = 4
     char_max_chars: int = 500
 
     def __post_init__(self) -> None:
