@@ -31,6 +31,7 @@ printed too: on a shared machine the ratio from the same run is the figure that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -120,6 +121,22 @@ def make_inputs(spec: str, tmp: Path, tasks: int, lines: int, limit: int | None,
     return counts
 
 
+@contextlib.contextmanager
+def stderr_to(path: Path):
+    """datatrove's per-task console logs (loguru on stderr, worker processes too) go to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_side(side: str, shards: Path, out: Path, tasks: int, workers: int, recipe: str) -> float:
     """Run one side's pipeline; return its wall time in seconds."""
     from datatrove.executor import LocalPipelineExecutor
@@ -136,7 +153,8 @@ def run_side(side: str, shards: Path, out: Path, tasks: int, workers: int, recip
                 JsonlWriter(str(out / "kept"), output_filename="${rank}.jsonl", compression=None, adapter=_decision)]
     ex = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(out / "logs"))
     t = time.perf_counter()
-    ex.run()
+    with stderr_to(out / "datatrove.log"):
+        ex.run()
     wall = time.perf_counter() - t
     if ex.get_incomplete_ranks(skip_completed=True):
         sys.exit(f"{side}: tasks did not complete; see {out / 'logs'}")
@@ -198,6 +216,7 @@ def main() -> None:
             load_before = os.getloadavg()
             walls = {}
             for side in ("anchor", "ours"):
+                print(f"[{name}] {side} ...", flush=True)
                 walls[side] = run_side(side, tmp / name / "shards", tmp / name / side, tasks, args.workers,
                                        args.recipe)
             load_after = os.getloadavg()

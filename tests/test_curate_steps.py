@@ -16,7 +16,7 @@ from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
 from kfoundry.data.curate import builtin_recipes, load_recipe
 from kfoundry.data.curate.accounting import StepTally, check_identity, merge_step
 from kfoundry.data.curate.decontam import Decontaminate, build_index
-from kfoundry.data.curate.language import LanguageConfig, route
+from kfoundry.data.curate.language import LanguageConfig, latin_share, route, shares
 from kfoundry.data.curate.normalize import NormalizeConfig, normalize_text
 from kfoundry.data.curate.quality import (
     ShortCircuitFineWebQuality,
@@ -26,6 +26,7 @@ from kfoundry.data.curate.quality import (
 )
 from kfoundry.data.curate.recipe import recipe_from_dict
 from kfoundry.data.curate.words import KoreanWords, LatinWords
+from kfoundry.text import hangul_share
 
 CONSTITUTION = (
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
@@ -89,6 +90,17 @@ def test_language_routes(mixed_texts):
     assert route("2026 12,345 😀🎉", cfg)[0] == "none"
     routes = [route(t, cfg)[0] for t in mixed_texts]
     assert routes == ["ko", "en", "ko", "ko", "ko", "none"]  # half Hangul letters is still "ko"
+
+
+def test_letter_shares_match_the_reference(mixed_texts):
+    """The regex counts of `shares` equal kfoundry.text.hangul_share and latin_share on every letter below
+    U+3190 (Latin, Greek, Cyrillic, CJK symbols, Hangul jamo and compatibility jamo), on syllables and mixed text."""
+    singles = [chr(c) for c in range(0x20, 0x3190)] + ["가", "힣", "\ud7a4", "ㅋㅋ", "A"]
+    texts = singles + [t for t in mixed_texts] + [CONSTITUTION, "ÀÉÎõü×÷ ß ɐ Ω Ж 漢字 ㄱㅏ \u1100\u1161 😀"]
+    for t in texts:
+        letters, hangul, latin = shares(t)
+        assert letters == sum(c.isalpha() for c in t), t
+        assert (hangul, latin) == ((hangul_share(t), latin_share(t)) if letters else (0.0, 0.0)), repr(t)
 
 
 # ---------------------------------------------------------------------------------------------------------
