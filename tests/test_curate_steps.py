@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 from datatrove.data import Document
 from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
+from datatrove.utils.text import PUNCTUATION_SET
 
 from kfoundry.data.curate import builtin_recipes, load_recipe
 from kfoundry.data.curate.accounting import StepTally, check_identity, merge_step
@@ -145,6 +146,9 @@ def test_short_circuits_give_the_same_verdict(shared_data, mixed_texts):
         kept += _kept(gopher[1].filter(doc(t)))
     assert kept >= 20  # both verdicts are represented
     assert max_words("가나 다, 라!") == 4
+    every = "".join(chr(c) for c in range(0x3190)) + "\u3000\u2028\u00a0…😀"
+    for t in texts + [every]:  # the regex count is the per-character definition
+        assert max_words(t) == sum(1 for c in t if c not in PUNCTUATION_SET and not c.isspace())
 
 
 def test_short_doc_estimate_is_measured(shared_data):
