@@ -189,6 +189,36 @@ def compare(anchor: dict, ours: dict, n: int) -> dict:
             "our_reasons": dict(Counter(a or "kept" for a in ours.values()).most_common())}
 
 
+def explain(shards: Path, anchor: dict, ours: dict, limit: int = 50) -> list[dict]:
+    """For (up to `limit`) disagreements: Gopher's non-symbol word count under datatrove's stock Kiwi model
+    (sbg) and ours (knlm), and the characters our short-document estimate looks at, so each disagreement can
+    be traced to the Kiwi model or to the estimate."""
+    from datatrove.utils.text import PUNCTUATION_SET
+    from kiwipiepy import Kiwi
+
+    from kfoundry.data.curate.quality import max_words
+    from kfoundry.data.curate.words import KoreanWords
+
+    ids = [k for k in anchor if (anchor[k] is None) != (ours[k] is None)][:limit]
+    if not ids:
+        return []
+    texts = {}
+    for f in sorted(shards.glob("*.jsonl")):
+        for line in f.open(encoding="utf-8"):
+            r = json.loads(line)
+            if r["id"] in ids:
+                texts[r["id"]] = r["text"]
+    models = {"sbg": Kiwi(model_type="sbg"), "knlm": Kiwi(model_type="knlm")}
+
+    def words(kiwi, text: str) -> int:
+        return sum(1 for t in kiwi.tokenize(text) if any(c not in PUNCTUATION_SET for c in text[t.start:t.end].strip()))
+
+    est = 50 / KoreanWords.est_words_per_char
+    return [{"id": i, "anchor": anchor[i] or "kept", "ours": ours[i] or "kept", "word_chars": max_words(texts[i]),
+             "by_estimate": max_words(texts[i]) < est,
+             **{f"words_{m}": words(k, texts[i]) for m, k in models.items()}} for i in ids]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", default=None, help="corpus SPEC (default: the shared NSMC reviews)")
@@ -220,7 +250,9 @@ def main() -> None:
                 walls[side] = run_side(side, tmp / name / "shards", tmp / name / side, tasks, args.workers,
                                        args.recipe)
             load_after = os.getloadavg()
-            cmp = compare(decisions(tmp / name / "anchor"), decisions(tmp / name / "ours"), n)
+            anchor, ours = decisions(tmp / name / "anchor"), decisions(tmp / name / "ours")
+            cmp = compare(anchor, ours, n)
+            cmp["explained"] = explain(tmp / name / "shards", anchor, ours)
             row = {**cmp, "anchor_s": round(walls["anchor"], 2), "ours_s": round(walls["ours"], 2),
                    "anchor_docs_per_s": round(n / walls["anchor"], 1), "ours_docs_per_s": round(n / walls["ours"], 1),
                    "speedup": round(walls["anchor"] / walls["ours"], 2),
@@ -237,6 +269,10 @@ def main() -> None:
                   f"({100 * cmp['agreement']:.3f}%)")
             for pair, k in list(cmp["disagreements"].items())[:12]:
                 print(f"    {k:6,}  {pair}")
+            for e in cmp["explained"]:
+                print(f"    {e['id']}: {e['anchor']} -> {e['ours']}; Gopher words sbg {e['words_sbg']}, knlm "
+                      f"{e['words_knlm']}; {e['word_chars']} word characters"
+                      + (" (decided by the estimate)" if e["by_estimate"] else ""))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             print(f"\nresults: {args.json}")
