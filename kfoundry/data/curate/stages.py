@@ -150,7 +150,7 @@ class ShingleMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash signature step, with character shingles for short documents.
 
     Why: word 5-gram shingles cannot see a near-copy in a short document. A 15-word review with one character
-    changed and one syllable appended keeps only 4 of its 11 word 5-grams (Jaccard ~0.3), far below the
+    changed and one syllable appended keeps only about 4 of its 11 word 5-grams (Jaccard ~0.2), far below the
     ~0.72 where 14 bands x 8 hashes start to catch a pair. Its character 4-grams (spaces removed) mostly
     survive: in a 60-character review the changed character touches 4 of 57 shingles and the appended
     syllable adds one, Jaccard ~0.85, which the bands catch with probability ~0.99. Character 4-grams of
