@@ -1,13 +1,15 @@
-"""Bench: the whole shared NSMC corpus (678k movie reviews) through `data prepare --recipe ko-web`, 2 workers.
+"""Bench: the whole shared NSMC corpus (678k movie reviews), or any corpus, through `data prepare --recipe ko-web`.
 
 Prints documents/s, MB/s (UTF-8 bytes of the text read), wall time, seconds per stage and the removal table,
 next to a peer figure measured in the same run: kfoundry's corpus reader alone reading the same file (the
 decompress + parse floor that any curation of this file pays), and the ratio of the two.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/curate_nsmc.py [--workers 2] [--out DIR] [--limit N]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/curate_nsmc.py [--input SPEC] [--json OUT] [--workers 2] [--out DIR]
+        [--limit N]
 
 The machine's load average is printed before and after: on a shared machine it explains most of the spread
-between runs. A JSON copy of everything printed goes to DIR/bench.json.
+between runs. A JSON copy of everything printed goes to OUT (default DIR/bench.json). For our quality filters
+against datatrove's own FineWeb-2 pipeline on the same input, see bench/curate_anchor.py.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def read_floor(spec: str) -> tuple[float, int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--input", default=None, help="corpus SPEC (default: the shared NSMC reviews)")
+    ap.add_argument("--json", default=None, help="write the results here (default: OUT/bench.json)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--recipe", default="ko-web")
@@ -58,9 +62,11 @@ def main() -> None:
 
     from kfoundry.data.curate import prepare
 
-    spec = str(nsmc_path())
+    spec = args.input or str(nsmc_path())
     tmp = None
     if args.limit:
+        if not spec.endswith(".jsonl.gz"):
+            sys.exit("--limit needs a .jsonl.gz input")
         tmp = Path(tempfile.mkdtemp(prefix="kf-nsmc-"))
         with gzip.open(spec, "rb") as src, gzip.open(tmp / "reviews.jsonl.gz", "wb") as dst:
             dst.writelines(itertools.islice(src, args.limit))
@@ -79,8 +85,8 @@ def main() -> None:
     docs = card["totals"]["docs_read"]
     mb = floor_bytes / 1e6
     result = {
-        "command": f"HF_HUB_OFFLINE=1 .venv/bin/python bench/curate_nsmc.py --workers {args.workers}"
-                   + (f" --limit {args.limit}" if args.limit else ""),
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/curate_nsmc.py " + " ".join(sys.argv[1:]),
+        "input": args.input or "shared NSMC",
         "recipe": args.recipe, "workers": args.workers, "cpus": os.cpu_count(),
         "load_avg_before": [round(x, 1) for x in load_before], "load_avg_after": [round(x, 1) for x in load_after],
         "docs_read": docs, "docs_curated": card["totals"]["docs_curated"], "mb_read": round(mb, 1),
@@ -107,7 +113,9 @@ def main() -> None:
         print(f"| {s['step']} | {s['docs_in']:,} | {s['docs_kept']:,} | {top} |")
     print(f"\ncurated: {card['totals']['docs_curated']:,} documents; PII replaced: {card['pii']}; "
           f"dedup: {result['dedup']}")
-    (out / "bench.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    json_path = Path(args.json) if args.json else out / "bench.json"
+    json_path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"results: {json_path}")
     print(f"details: {out / 'data_card.md'}")
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)

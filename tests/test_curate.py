@@ -171,6 +171,13 @@ def test_near_duplicates_found_without_false_merges(planted):
     sizes = {(r["meta"]["kind"], r["meta"]["group"]): r["minhash_cluster_size"] for r in read_jsonl_gz(out / "curated")}
     assert sum(1 for g in range(N_COPIES) if sizes.get(("distinct", g), sizes.get(("copy", g))) == 2) >= 0.95 * N_COPIES
     assert card["dedup"]["kept_in_clusters"] >= 0.95 * N_COPIES
+    # the data card splits cluster sizes by length band; the planted pairs are long documents
+    bands = card["dedup"]["cluster_size_by_band"]
+    assert sum(sum(h.values()) for h in bands.values()) == card["totals"]["docs_curated"]
+    long_pairs = sum(h.get("2", 0) for b, h in bands.items() if int(b.split("-")[0].rstrip("+")) >= 500)
+    assert long_pairs == card["dedup"]["cluster_size_hist"]["2"] >= 0.95 * N_COPIES
+    md = (out / "data_card.md").read_text(encoding="utf-8")
+    assert "| length | documents | in a cluster (size > 1) |" in md
 
 
 @pytest.mark.slow
@@ -267,3 +274,103 @@ def test_cluster_executors_are_chained(tmp_path):
     assert all(b.depends is a for a, b in zip(slurm, slurm[1:])) and slurm[0].depends is None
     ray = make_executors(plan, "ray", 16)
     assert all(b.depends is a for a, b in zip(ray, ray[1:]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Near-duplicates in short text
+
+
+def _minhash_removed(docs: list[str], tmp: Path, char_n_grams: int) -> tuple[set[int], dict[int, int]]:
+    """Run datatrove's MinHash stages with our signature step on `docs` (one task); return the indices the
+    cluster stage removes and the cluster size of each kept index that is in a cluster."""
+    import struct
+
+    from datatrove.data import Document
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.dedup import MinhashDedupCluster
+    from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets
+
+    from kfoundry.data.curate import load_recipe
+    from kfoundry.data.curate.stages import ShingleMinhashSignature, minhash_config
+
+    recipe = load_recipe("ko-web")
+    cfg = minhash_config(recipe)
+    sigs, buckets, remove = tmp / "sigs", tmp / "buckets", tmp / "remove"
+    stages = [
+        ([[Document(text=t, id=str(i)) for i, t in enumerate(docs)],
+          ShingleMinhashSignature(str(sigs), config=cfg, char_n_grams=char_n_grams,
+                                  char_max_chars=recipe.dedup.char_max_chars)], 1),
+        ([MinhashDedupBuckets(str(sigs), str(buckets), config=cfg)], cfg.num_buckets),
+        ([MinhashDedupCluster(str(buckets), str(remove), config=cfg, save_cluster_size=True)], 1),
+    ]
+    for k, (pipeline, tasks) in enumerate(stages):
+        LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=1, logging_dir=str(tmp / f"logs{k}")).run()
+    data = (remove / "000000.remove").read_bytes() if (remove / "000000.remove").exists() else b""
+    removed = {x for (x,) in struct.iter_unpack("<I", data)}
+    sizes = {}
+    if (remove / "000000.sizes").exists():
+        sizes = dict(struct.iter_unpack("<II", (remove / "000000.sizes").read_bytes()))
+    return removed, sizes
+
+
+def _syllable_edit(text: str, rng: random.Random) -> str:
+    """One Hangul syllable changed to another, one syllable appended."""
+    positions = [i for i, c in enumerate(text) if "가" <= c <= "힣"]
+    i = rng.choice(positions)
+    other = chr(rng.randrange(0xAC00, 0xD7A4))
+    return text[:i] + other + text[i + 1:] + chr(rng.randrange(0xAC00, 0xD7A4))
+
+
+@pytest.mark.slow
+def test_short_near_copies_collapse_without_false_merges(tmp_path, shared_data):
+    """200 NSMC reviews of >= 60 characters, each with a copy that has one syllable changed and one appended,
+    among 5,000 other distinct reviews: character shingles collapse >= 95 % of the pairs and merge nothing
+    else; FineWeb-2's word 5-grams (char_n_grams 0) miss most of the pairs."""
+    from datatrove.data import Document
+
+    from kfoundry.data.curate.stages import exact_key
+
+    seen, reviews = set(), []
+    with gzip.open(shared_data / "ko" / "nsmc" / "reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"].strip()
+            key = exact_key(Document(text=text, id=""))
+            if len(text) >= 60 and key not in seen:
+                seen.add(key)
+                reviews.append(text)
+                if len(reviews) == 5200:
+                    break
+    rng = random.Random(11)
+    distinct, held_out = reviews[:5000], reviews[5000:]
+    docs = distinct + held_out + [_syllable_edit(t, rng) for t in held_out]
+    pair = {5000 + i: 5200 + i for i in range(200)}  # original index -> copy index
+
+    removed, sizes = _minhash_removed(docs, tmp_path / "char", 4)
+    collapsed = sum(1 for a, b in pair.items() if (a in removed) != (b in removed))
+    assert collapsed >= 0.95 * len(pair)
+    assert removed <= set(pair) | set(pair.values())  # nothing among the 5,000 distinct reviews merged
+    assert not any(a in removed and b in removed for a, b in pair.items())  # one of each pair survives
+    assert sum(1 for a, b in pair.items() if sizes.get(a, sizes.get(b)) == 2) == collapsed
+
+    word_removed, _ = _minhash_removed(docs, tmp_path / "word", 0)
+    word_collapsed = sum(1 for a, b in pair.items() if (a in word_removed) != (b in word_removed))
+    assert word_collapsed < 0.8 * len(pair), word_collapsed  # what today's word shingles miss
+
+
+def test_char_shingles_ignore_spacing_and_handle_any_text():
+    import numpy as np
+
+    from kfoundry.data.curate.card import length_band
+    from kfoundry.data.curate.stages import char_shingles
+
+    a = char_shingles("재밌어요 정말 최고", 4)
+    b = char_shingles("재밌어요정말   최고", 4)
+    assert a.shape == (5, 1) and a.dtype == np.uint64 and np.array_equal(a, b)
+    assert char_shingles("가나", 4).shape == (1, 1)  # shorter than n: the text itself is one shingle
+    assert char_shingles("  \n ", 4).shape == (0, 1)
+    mixed = "한글 English 123 😀"
+    nfd = "\u1112\u1161\u11ab\u1100\u1173\u11af English 123 😀"  # NFD jamo are other code points than NFC
+    assert len(set(char_shingles(mixed, 4).ravel()) & set(char_shingles(nfd, 4).ravel())) > 0
+    assert len(set(char_shingles(mixed, 4).ravel())) == len(mixed.replace(" ", "")) - 3
+    assert [length_band(n) for n in (0, 59, 60, 500, 1999, 10000, 10 ** 7)] == [
+        "0-59", "0-59", "60-199", "500-1999", "500-1999", "10000+", "10000+"]

@@ -12,11 +12,12 @@ from collections import Counter
 import pytest
 from datatrove.data import Document
 from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
+from datatrove.utils.text import PUNCTUATION_SET
 
 from kfoundry.data.curate import builtin_recipes, load_recipe
 from kfoundry.data.curate.accounting import StepTally, check_identity, merge_step
 from kfoundry.data.curate.decontam import Decontaminate, build_index
-from kfoundry.data.curate.language import LanguageConfig, route
+from kfoundry.data.curate.language import LanguageConfig, latin_share, route, shares
 from kfoundry.data.curate.normalize import NormalizeConfig, normalize_text
 from kfoundry.data.curate.quality import (
     ShortCircuitFineWebQuality,
@@ -26,6 +27,7 @@ from kfoundry.data.curate.quality import (
 )
 from kfoundry.data.curate.recipe import recipe_from_dict
 from kfoundry.data.curate.words import KoreanWords, LatinWords
+from kfoundry.text import hangul_share
 
 CONSTITUTION = (
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
@@ -91,16 +93,34 @@ def test_language_routes(mixed_texts):
     assert routes == ["ko", "en", "ko", "ko", "ko", "none"]  # half Hangul letters is still "ko"
 
 
+def test_letter_shares_match_the_reference(mixed_texts):
+    """The regex counts of `shares` equal kfoundry.text.hangul_share and latin_share on every letter below
+    U+3190 (Latin, Greek, Cyrillic, CJK symbols, Hangul jamo and compatibility jamo), on syllables and mixed text."""
+    singles = [chr(c) for c in range(0x20, 0x3190)] + ["가", "힣", "\ud7a4", "ㅋㅋ", "A"]
+    texts = singles + [t for t in mixed_texts] + [CONSTITUTION, "ÀÉÎõü×÷ ß ɐ Ω Ж 漢字 ㄱㅏ \u1100\u1161 😀"]
+    for t in texts:
+        letters, hangul, latin = shares(t)
+        assert letters == sum(c.isalpha() for c in t), t
+        assert (hangul, latin) == ((hangul_share(t), latin_share(t)) if letters else (0.0, 0.0)), repr(t)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # quality
 
 
+def _kept(verdict) -> bool:
+    return verdict is True
+
+
 def test_short_circuits_give_the_same_verdict(shared_data, mixed_texts):
-    """The shortcuts never change datatrove's verdict or its reason."""
+    """The exact shortcuts never change datatrove's keep/remove verdict; the one-line FineWeb path not even its
+    reason (a document failing several Gopher rules may be counted under another of them)."""
     ko = KoreanWords()
-    fw = load_recipe("ko-web").quality.thresholds["ko"]["fineweb_quality"]
-    pairs = [(ShortCircuitGopherQuality(language=ko), GopherQualityFilter(language=ko)),
-             (ShortCircuitFineWebQuality(language=ko, **fw), FineWebQualityFilter(language=ko, **fw))]
+    ko_web = load_recipe("ko-web").quality.thresholds["ko"]
+    fw, gq = ko_web["fineweb_quality"], ko_web["gopher_quality"]
+    gopher = (ShortCircuitGopherQuality(language=ko, **gq), GopherQualityFilter(language=ko, **gq))
+    gopher_default = (ShortCircuitGopherQuality(language=ko), GopherQualityFilter(language=ko))
+    fineweb = (ShortCircuitFineWebQuality(language=ko, **fw), FineWebQualityFilter(language=ko, **fw))
     with gzip.open(shared_data / "ko" / "nsmc" / "reviews.jsonl.gz", "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for line in itertools.islice(f, 400)]
     texts = [t for t in texts if t.strip()] + [t for t in mixed_texts if t] + [CONSTITUTION]
@@ -109,10 +129,47 @@ def test_short_circuits_give_the_same_verdict(shared_data, mixed_texts):
     # contracted syllables: Kiwi gives two words for 섰, so 40 characters can hold 80 words
     contracted = ["섰었 " * 20 + "다.", "했다 봤다 됐다 갔다 왔다 줬다 " * 3 + "끝."]
     assert [len(ko.word_tokenize(t)) > max_words(t) for t in contracted] == [True, True]
-    for t in texts + joined + lines + contracted:
-        for fast, slow in pairs:
-            assert fast.filter(doc(t)) == slow.filter(doc(t)), t
+    # each early Gopher rule fires on its own (these would otherwise be decided after tokenizing)
+    long_ok = CONSTITUTION + " " + CONSTITUTION
+    early = {"\n".join("- " + s for s in CONSTITUTION.split(". ")): "gopher_too_many_bullets",
+             "\n".join(s + "..." for s in CONSTITUTION.split(". ")): "gopher_too_many_end_ellipsis",
+             "감나무 숲속 푸른 별빛 " * 20 + "끝.": "gopher_enough_stop_words"}
+    for text, reason in early.items():
+        assert gopher[0].early_verdict(text) == (False, reason), text
+    assert gopher[0].early_verdict(long_ok) is None
+    kept = 0
+    for t in texts + joined + lines + contracted + list(early) + [long_ok]:
+        for fast, slow in (gopher, gopher_default, fineweb):
+            assert _kept(fast.filter(doc(t))) == _kept(slow.filter(doc(t))), t
+        if "\n" not in t:
+            assert fineweb[0].filter(doc(t)) == fineweb[1].filter(doc(t)), t
+        kept += _kept(gopher[1].filter(doc(t)))
+    assert kept >= 20  # both verdicts are represented
     assert max_words("가나 다, 라!") == 4
+    every = "".join(chr(c) for c in range(0x3190)) + "\u3000\u2028\u00a0…😀"
+    for t in texts + [every]:  # the regex count is the per-character definition
+        assert max_words(t) == sum(1 for c in t if c not in PUNCTUATION_SET and not c.isspace())
+
+
+def test_short_doc_estimate_is_measured(shared_data):
+    """The word-count estimate (quality.estimate_short_docs) agrees with Kiwi on real reviews and is not exact.
+
+    Among NSMC reviews that the proven bound cannot reject (25 to 42 non-punctuation characters, so the
+    estimate is what decides), the estimate rejects a document only when Kiwi finds fewer than 50 words
+    too; contrived text made of contractions shows it is an estimate, not a bound."""
+    ko = KoreanWords()
+    gq = load_recipe("ko-web").quality.thresholds["ko"]["gopher_quality"]
+    est, exact = ShortCircuitGopherQuality(language=ko, estimate=True, **gq), GopherQualityFilter(language=ko, **gq)
+    with gzip.open(shared_data / "ko" / "nsmc" / "reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [t for t in (json.loads(line)["text"] for line in itertools.islice(f, 20000))
+                 if 25 <= max_words(t) < 50 / ko.est_words_per_char][:300]
+    assert len(texts) == 300
+    decided = [t for t in texts if est.early_verdict(t) == (False, "gopher_short_doc")]
+    assert len(decided) == len(texts)
+    assert all(len([w for w in ko.word_tokenize(t) if max_words(w)]) < 50 for t in decided)
+    contrived = "했다 봤다 됐다 갔다 왔다 줬다 " * 3 + "끝."
+    assert est.early_verdict(contrived) == (False, "gopher_short_doc")
+    assert exact.filter(doc(contrived)) != (False, "gopher_short_doc")  # Kiwi finds 55 words there
 
 
 def test_korean_thresholds_and_routing():

@@ -19,6 +19,17 @@ from kfoundry.fileio import atomic_write_json, atomic_write_text
 LENGTH_PNG = "length_hist.png"
 CLUSTER_PNG = "cluster_sizes.png"
 EXAMPLE_CHARS = 120
+# Length bands (characters) for the near-duplicate cluster sizes: short documents are shingled by characters
+# and long ones by words (stages.ShingleMinhashSignature), and near-copies are far more common among short
+# texts, so one histogram for all lengths would hide how each band was deduplicated.
+LENGTH_BANDS = (0, 60, 200, 500, 2000, 10000)
+
+
+def length_band(n: int) -> str:
+    """The band of a length in characters: "0-59", "60-199", ..., "10000+"."""
+    lo = max(b for b in LENGTH_BANDS if b <= n)
+    i = LENGTH_BANDS.index(lo)
+    return f"{lo}+" if i == len(LENGTH_BANDS) - 1 else f"{lo}-{LENGTH_BANDS[i + 1] - 1}"
 
 
 def _bin_label(k: int) -> str:
@@ -146,6 +157,18 @@ def render_markdown(card: dict[str, Any]) -> str:
                  f"{dd['near_removed']:,}")
     lines.append(f"- kept documents in a near-duplicate cluster (size > 1): {dd['kept_in_clusters']:,}; "
                  "`minhash_cluster_size` on each curated document gives its cluster size for upsampling")
+    bands = dd.get("cluster_size_by_band") or {}
+    if bands:
+        lines += ["", "Near-duplicate cluster sizes of the curated documents by length (characters; documents of "
+                  "at most 500 characters are compared by character 4-grams, longer ones by word 5-grams):", "",
+                  "| length | documents | in a cluster (size > 1) | cluster sizes (size: documents) |",
+                  "|---|---:|---:|---|"]
+        for band in sorted(bands, key=lambda b: int(b.split("-")[0].rstrip("+"))):
+            hist = bands[band]
+            total = sum(hist.values())
+            clustered = sum(v for k, v in hist.items() if int(k) > 1)
+            sizes = ", ".join(f"{k}: {v:,}" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0])))
+            lines.append(f"| {band} | {total:,} | {clustered:,} | {sizes} |")
     lines += ["", f"![cluster sizes]({CLUSTER_PNG})", ""]
     lines += ["## Personal data", ""]
     pii = card["pii"]

@@ -26,7 +26,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from kfoundry.data.curate.accounting import check_identity, length_bin, merge
 from kfoundry.corpus.prepared import CURATED_DIR, DONE_FILE
-from kfoundry.data.curate.card import redact_examples, top_removals, write_card
+from kfoundry.data.curate.card import length_band, redact_examples, top_removals, write_card
 from kfoundry.fileio import atomic_write_json
 
 
@@ -42,6 +42,7 @@ def curated_stats(curated: Path) -> dict[str, Any]:
     hist: Counter = Counter()
     clusters: Counter = Counter()
     exact: Counter = Counter()
+    by_band: dict[str, Counter] = {}
     for f in sorted(curated.glob("*.jsonl.gz")):
         with gzip.open(f, "rt", encoding="utf-8") as fh:
             for line in fh:
@@ -55,6 +56,7 @@ def curated_stats(curated: Path) -> dict[str, Any]:
                 row["docs"] += 1
                 row["chars"] += n
                 clusters[int(rec.get("minhash_cluster_size") or 1)] += 1
+                by_band.setdefault(length_band(n), Counter())[int(rec.get("minhash_cluster_size") or 1)] += 1
                 exact[int(rec.get("duplicate_count") or 0)] += 1
     lengths.sort()
     summary = {}
@@ -64,6 +66,7 @@ def curated_stats(curated: Path) -> dict[str, Any]:
     return {"docs": docs, "chars": chars, "langs": dict(sorted(langs.items(), key=lambda kv: -kv[1]["chars"])),
             "summary": summary, "hist": {str(k): v for k, v in sorted(hist.items())},
             "clusters": {str(k): v for k, v in sorted(clusters.items())},
+            "clusters_by_band": {b: {str(k): v for k, v in sorted(c.items())} for b, c in by_band.items()},
             "exact": {str(k): v for k, v in sorted(exact.items())}}
 
 
@@ -109,7 +112,8 @@ def build_card(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         "dedup": {"exact_removed": by_name.get("exact_dedup", {}).get("docs_removed", 0),
                   "near_removed": by_name.get("near_dedup", {}).get("docs_removed", 0),
                   "kept_in_clusters": sum(v for k, v in cur["clusters"].items() if int(k) > 1),
-                  "cluster_size_hist": cur["clusters"], "exact_copies_hist": cur["exact"]},
+                  "cluster_size_hist": cur["clusters"], "cluster_size_by_band": cur["clusters_by_band"],
+                  "exact_copies_hist": cur["exact"]},
         "pii": {k.removeprefix("pii_"): v for k, v in pii_changes.items() if k.startswith("pii_")},
         "decontamination": dc,
         "top_removals": top_removals(steps),

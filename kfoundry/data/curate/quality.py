@@ -9,21 +9,31 @@ FineWeb (English) ran with. The numbers live in the recipe YAML files, each with
 
 Order and speed. FineWeb-2 ran repetition -> FineWeb quality -> Gopher quality. A chain of filters keeps
 exactly the documents that pass all of them, whatever the order, so we order them by cost: Kiwi is the
-expensive part (about 30,000 characters per CPU second here), and two exact shortcuts avoid it:
+expensive part (about 30,000 characters per CPU second here), and checks that need no words run first:
 
 1. `fineweb_quality` first. Its checks on line punctuation and duplicated lines need no words; the one that
    does (newlines per word) is 0 for a one-line document whatever the words are, so
    `ShortCircuitFineWebQuality` decides one-line documents with a whitespace split instead of Kiwi.
-2. `gopher_quality` next. Every non-symbol word holds a character outside punctuation and spaces, and a
-   tokenizer gives at most `max_words_per_char` words per character (1 for English; 2 for Kiwi, which
-   splits a contracted syllable such as 했 into two morphemes), so a document with fewer than
-   `min_doc_words / max_words_per_char` such characters cannot pass: `ShortCircuitGopherQuality` rejects it
-   untokenized.
+2. `gopher_quality` next (`ShortCircuitGopherQuality`), which tries, before any tokenizing:
+   a. the proven word bound: every non-symbol word holds a character outside punctuation and spaces, and a
+      tokenizer gives at most `max_words_per_char` words per character (1 for English; 2 for Kiwi, which
+      splits a contracted syllable such as 했 into two morphemes), so a document with fewer than
+      `min_doc_words / max_words_per_char` such characters cannot pass;
+   b. Gopher's own word-free rules, moved ahead of the word-based ones: lines starting with a bullet, lines
+      ending with an ellipsis; and a necessary condition of its stop-word rule: a word is a piece of the
+      text, so a stop word can only be among the words if it occurs in the text at all;
+   c. (`estimate=True`, the recipes' `quality.estimate_short_docs`) an *estimate* instead of the bound of
+      (a): real Korean text has at most about 1.1 Kiwi words per such character (the largest ratio among
+      the NSMC reviews we measured; 2 needs text made of contractions only), so a document with fewer than
+      `min_doc_words / est_words_per_char` (1.2 for Kiwi) is taken as short untokenized. Unlike (a) and (b)
+      this can differ from datatrove's verdict, on contrived text such as "했다 봤다 됐다 ..." repeated;
+      `bench/curate_anchor.py` measures how often it does on real text.
 3. `gopher_repetition` last, on few documents, reusing the words already computed (datatrove caches the
    last few tokenizations, and all filters of one language share one tokenizer object).
 
-Both shortcuts give datatrove's verdict and reason exactly (tests/test_curate_steps.py checks this on real
-reviews). The order only changes which reason a document failing several checks is counted under.
+(a), (b) and the one-line shortcut give datatrove's keep/remove verdict exactly (tests/test_curate_steps.py
+checks this on real reviews); the reason can differ, because a document failing several rules is counted
+under the first one that ran. The order only changes which reason such a document is counted under.
 
 A filter that raises on an odd document (datatrove's FineWeb filter divides by the word count, for one)
 does not crash the worker: `ByLanguage` drops that document as `error_<ExceptionName>` and counts it.
@@ -32,6 +42,7 @@ does not crash the worker: `ByLanguage` drops that document as `error_<Exception
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
@@ -50,26 +61,55 @@ QUALITY_FILTERS: dict[str, type] = {
 ROUTE_THRESHOLDS = {"ko": "ko", "mixed": "ko", "en": "en"}
 
 
+# datatrove's punctuation characters and whitespace (re's \s is str.isspace), for one regex pass in C.
+_NOT_WORD_CHAR = re.compile("[\\s" + "".join(re.escape(c) for c in sorted(PUNCTUATION_SET)) + "]")
+
+
 def max_words(text: str) -> int:
     """Characters that can carry a non-symbol word: neither datatrove punctuation nor whitespace.
 
     A non-symbol word (Gopher's count) holds at least one of them; times the tokenizer's
     `max_words_per_char`, this bounds the number of such words.
     """
-    return sum(1 for c in text if c not in PUNCTUATION_SET and not c.isspace())
+    return len(text) - len(_NOT_WORD_CHAR.findall(text))
 
 
 class ShortCircuitGopherQuality(GopherQualityFilter):
-    """GopherQualityFilter that rejects obviously short documents without tokenizing them (same verdict).
+    """GopherQualityFilter that rejects documents it can judge without words first (see the module docstring).
 
-    Only for tokenizers that declare `max_words_per_char`; with a language code it is datatrove's filter.
+    The word bound and the estimate need a tokenizer that declares `max_words_per_char` (and
+    `est_words_per_char`); with a language code only the word-free rules run early.
     """
 
-    def filter(self, doc) -> bool | tuple[bool, str]:
+    def __init__(self, estimate: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
         per_char = getattr(self.language, "max_words_per_char", None)
-        if self.min_doc_words and per_char and max_words(doc.text) * per_char < self.min_doc_words:
+        est = getattr(self.language, "est_words_per_char", None) if estimate else None
+        # below this many non-punctuation characters a document cannot (or, estimated, does not) reach
+        # min_doc_words
+        self._min_chars = 0
+        if self.min_doc_words and (est or per_char):
+            self._min_chars = self.min_doc_words / (est or per_char)
+
+    def early_verdict(self, text: str) -> tuple[bool, str] | None:
+        """A rejection decided without words, or None when the words are needed."""
+        if self._min_chars and max_words(text) < self._min_chars:
             return False, "gopher_short_doc"
-        return super().filter(doc)
+        lines = text.splitlines()
+        if lines and self.max_bullet_lines_ratio and sum(
+                s.lstrip().startswith("•") or s.lstrip().startswith("-") for s in lines
+        ) / len(lines) > self.max_bullet_lines_ratio:
+            return False, "gopher_too_many_bullets"
+        if lines and self.max_ellipsis_lines_ratio and sum(
+                s.rstrip().endswith("...") or s.rstrip().endswith("…") for s in lines
+        ) / len(lines) > self.max_ellipsis_lines_ratio:
+            return False, "gopher_too_many_end_ellipsis"
+        if self.min_stop_words and sum(1 for w in self.stop_words if w in text) < self.min_stop_words:
+            return False, "gopher_enough_stop_words"
+        return None
+
+    def filter(self, doc) -> bool | tuple[bool, str]:
+        return self.early_verdict(doc.text) or super().filter(doc)
 
 
 class ShortCircuitFineWebQuality(FineWebQualityFilter):
@@ -129,12 +169,13 @@ def check_thresholds(thresholds: dict[str, dict[str, dict[str, Any]]]) -> None:
                                  f"{QUALITY_FILTERS[step].__name__} takes {sorted(allowed)}")
 
 
-def build_quality_steps(thresholds: dict[str, dict[str, dict[str, Any]]], kiwi_model: str
-                        ) -> list[tuple[str, ByLanguage]]:
+def build_quality_steps(thresholds: dict[str, dict[str, dict[str, Any]]], kiwi_model: str,
+                        estimate_short_docs: bool = False) -> list[tuple[str, ByLanguage]]:
     """[(step name, ByLanguage filter)] in run order, for the languages the thresholds name.
 
     All filters of one language share one tokenizer object, so datatrove's small cache of the last
-    tokenized texts lets the three filters tokenize each document once.
+    tokenized texts lets the three filters tokenize each document once. `estimate_short_docs` turns on
+    Gopher's word-count estimate (see the module docstring, 2c).
     """
     check_thresholds(thresholds)
     words = {"ko": KoreanWords(kiwi_model), "en": LatinWords()}
@@ -145,7 +186,8 @@ def build_quality_steps(thresholds: dict[str, dict[str, dict[str, Any]]], kiwi_m
             kwargs = (thresholds.get(lang) or {}).get(step)
             if kwargs is None:
                 continue
-            filters[route] = _CLASSES[step](language=words[lang], **dict(kwargs))
+            extra = {"estimate": estimate_short_docs} if step == "gopher_quality" else {}
+            filters[route] = _CLASSES[step](language=words[lang], **extra, **dict(kwargs))
         if filters:
             steps.append((step, ByLanguage(step, filters)))
     return steps

@@ -7,9 +7,9 @@ fall back to a default. Sections (each optional; `quality: null` turns quality f
 
     normalize:       min_chars, max_chars, max_junk_fraction, fix_mojibake
     language:        keep (routes), ko_min_hangul, mixed_min_hangul, en_min_latin
-    quality:         kiwi_model, thresholds: {ko|en: {gopher_quality|fineweb_quality|gopher_repetition: {args}}}
+    quality:         kiwi_model, estimate_short_docs, thresholds: {ko|en: {gopher_quality|fineweb_quality|gopher_repetition: {args}}}
     decontaminate:   enabled, n_grams, min_item_words, sets (folders; "shared:eval/kobest" = the shared data)
-    dedup:           exact, minhash, n_grams, num_buckets, hashes_per_bucket
+    dedup:           exact, minhash, n_grams, num_buckets, hashes_per_bucket, char_n_grams, char_max_chars
     pii:             enabled, types
     output:          val_fraction, vocab_size (for the token shards)
 """
@@ -37,6 +37,9 @@ SHARED_PREFIX = "shared:"
 @dataclass
 class QualityConfig:
     kiwi_model: str = "knlm"
+    # Take a document as too short for Gopher's word minimum from an estimate of its Kiwi word count instead
+    # of tokenizing it (kfoundry.data.curate.quality, step 2c): much faster on short texts, and not exact.
+    estimate_short_docs: bool = False
     thresholds: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,10 +70,16 @@ class DedupConfig:
     n_grams: int = 5
     num_buckets: int = 14
     hashes_per_bucket: int = 8
+    # Short documents (at most char_max_chars characters once simplified) get character n-gram shingles
+    # instead of word n-grams; char_n_grams: 0 turns that off (see stages.ShingleMinhashSignature).
+    char_n_grams: int = 4
+    char_max_chars: int = 500
 
     def __post_init__(self) -> None:
         if min(self.n_grams, self.num_buckets, self.hashes_per_bucket) < 1:
             raise ValueError("dedup: n_grams, num_buckets and hashes_per_bucket must be positive")
+        if self.char_n_grams < 0 or self.char_max_chars < 0:
+            raise ValueError("dedup: char_n_grams and char_max_chars must be >= 0")
 
 
 @dataclass
