@@ -223,7 +223,8 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
         sweep.append(row)
         log(f"[{size} seed {seed}] baseline lr={lr:g}: tune {row['tune_bpb']:.4f}  eval {row['eval_bpb']:.4f}  "
             f"{r.seconds:.0f}s  load {load()}")
-    best = min(sweep, key=lambda s: s["tune_bpb"])
+    # No baseline (--baseline-lrs ''): ours alone, e.g. for an ablation compared with a baseline run earlier.
+    best = min(sweep, key=lambda s: s["tune_bpb"]) if sweep else {"eval_bpb": -math.inf, "tune_bpb": -math.inf}
     target = best["eval_bpb"]
 
     # -- ours: one stable trunk, a cooldown branch per budget fraction ------------------------------------
@@ -255,7 +256,7 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     full = next((b for b in branches if b["fraction"] == 1.0), None)
     out = {"size": size, "seed": seed, "params": trunk.model.num_params(), "budget_tokens": budget,
            "flops_per_token": per_token, "muon_flops_per_step": per_step, "ours_recipe": _recipe(tc),
-           "baseline_sweep": sweep, "baseline_best_lr": best["lr"], "target_eval_bpb": target,
+           "baseline_sweep": sweep, "baseline_best_lr": best.get("lr"), "target_eval_bpb": target,
            "baseline": best, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
            "reached_tune": reached_tune}
     if reached:
@@ -298,7 +299,7 @@ def main() -> None:
     mult = args.budget_mult
     if args.quick:
         sizes, seeds, mult = ["tiny"], seeds[:1], mult * 0.25
-    lrs = [float(x) for x in args.baseline_lrs.split(",")]
+    lrs = [float(x) for x in args.baseline_lrs.split(",") if x]
     fractions = [float(x) for x in args.fractions.split(",")]
     if 1.0 not in fractions:
         fractions.append(1.0)
@@ -337,8 +338,9 @@ def main() -> None:
     for r in results:
         b, o = r["baseline"], r["ours_full_budget"]
         print(f"{r['size']} seed {r['seed']} ({r['params'] / 1e6:.1f}M params, {r['budget_tokens']:,} tokens): "
-              f"baseline lr {r['baseline_best_lr']:g} eval {b['eval_bpb']:.4f} val {b['val_bpb']:.4f} | "
-              f"ours full budget eval {o['eval_bpb']:.4f} val {o['val_bpb']:.4f} | "
+              + (f"baseline lr {r['baseline_best_lr']:g} eval {b['eval_bpb']:.4f} tune {b['tune_bpb']:.4f} "
+                 f"val {b['val_bpb']:.4f} | " if r["baseline_sweep"] else "")
+              + f"ours full budget eval {o['eval_bpb']:.4f} tune {o['tune_bpb']:.4f} val {o['val_bpb']:.4f} | "
               + (f"reached at {r['reached']['fraction']:.2f} of the budget" if r["reached"] else "not reached"))
     print(f"load before {load_before}, after {load()}")
     print("ratios ours/baseline (worst seed): " + "; ".join(

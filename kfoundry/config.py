@@ -143,8 +143,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-124m": {
         "model": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
                       max_seq_len=1024, tie_embeddings=True),
-        "train": dict(seq_len=1024, micro_batch_size=32, tokens_per_step=524_288, max_steps=5000, lr=1e-3,
-                      warmup_steps=200, eval_every=250, eval_batches=20, ckpt_every=500, compile=True),
+        "train": dict(seq_len=1024, micro_batch_size=32, tokens_per_step=524_288, max_steps=5000, optimizer="muon",
+                      lr=1e-3, muon_lr=0.02, warmup_steps=200, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0,
+                      eval_every=250, eval_batches=20, ckpt_every=500, compile=True),
         "data": dict(vocab_size=32768),
     },
 }
