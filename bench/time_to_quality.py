@@ -194,7 +194,7 @@ def ours_cfg(tc0: TrainConfig, budget: int) -> TrainConfig:
 
 
 def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: list[float], data: dict, log,
-             ours_set: list[str], cache: Path | None) -> dict:
+             ours_set: list[str], cache: Path | None, skip_ours: bool = False) -> dict:
     base = resolve("cpu-tiny", overrides=ours_set)
     mcfg = dataclasses.replace(preset("cpu-tiny").model, **SIZES[size])
     tc0 = base.train
@@ -206,23 +206,11 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     sweep = []
     for lr in lrs:
         tc = baseline_cfg(tc0.seq_len, lr, b_steps)
-        key = hashlib.sha256(json.dumps([dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, data["key"]],
-                                        sort_keys=True).encode()).hexdigest()[:16]
-        cached = cache / f"{key}.json" if cache else None
-        if cached and cached.is_file():
-            row = {**json.loads(cached.read_text()), "cached": True}
-        else:
-            r = Run.start(mcfg, tc, data["shards"], seed)
-            r.train_until(b_steps)
-            row = {"lr": lr, "tune_bpb": score(r.model, data["tune"]), "eval_bpb": score(r.model, data["eval"]),
-                   "val_bpb": score(r.model, data["val"]), "seconds": r.seconds, "tokens": r.tokens,
-                   "flops": r.flops(per_token, 0.0), "load": load()}
-            if cache:
-                cache.mkdir(parents=True, exist_ok=True)
-                cached.write_text(json.dumps(row) + "\n")
+        row = cached_run(cache, [dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, data["key"]],
+                         lambda: baseline_run(mcfg, tc, seed, data, per_token, score))
         sweep.append(row)
         log(f"[{size} seed {seed}] baseline lr={lr:g}: tune {row['tune_bpb']:.4f}  eval {row['eval_bpb']:.4f}  "
-            f"{r.seconds:.0f}s  load {load()}")
+            f"{row['seconds']:.0f}s  {'(cached)' if row.get('cached') else ''} load {row['load']}")
     # No baseline (--baseline-lrs ''): ours alone, e.g. for an ablation compared with a baseline run earlier.
     best = min(sweep, key=lambda s: s["tune_bpb"]) if sweep else {"eval_bpb": -math.inf, "tune_bpb": -math.inf}
     target = best["eval_bpb"]
@@ -232,29 +220,15 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     if tc.schedule != "wsd" and sorted(fractions) != [1.0]:
         raise ValueError("branching shorter budgets off one run needs train.schedule=wsd; "
                          "with another schedule pass --fractions 1.0 (the full budget only)")
-    trunk = Run.start(mcfg, tc, data["shards"], seed)
-    per_step = optimizer_flops_per_step(trunk.model, tc)
-    branches, reached, reached_tune = [], None, None
-    for f in sorted(fractions):
-        steps_f = round(f * tc.max_steps)
-        sched = dataclasses.replace(tc, max_steps=steps_f)  # a run whose whole budget is f
-        cool = max(1, round(tc.decay_frac * steps_f))
-        trunk.train_until(steps_f - cool)
-        b = trunk.branch()
-        b.train_until(steps_f, schedule=sched)
-        row = {"fraction": f, "steps": b.step, "tokens": b.tokens, "flops": b.flops(per_token, per_step),
-               "seconds": b.seconds, "eval_bpb": score(b.model, data["eval"]), "tune_bpb": score(b.model, data["tune"])}
-        if f == 1.0:
-            row["val_bpb"] = score(b.model, data["val"])
-        branches.append(row)
-        log(f"[{size} seed {seed}] ours at {f:.2f} of the budget: eval {row['eval_bpb']:.4f} "
-            f"(target {target:.4f})  {b.seconds:.0f}s  load {load()}")
-        if reached is None and row["eval_bpb"] <= target:
-            reached = row
-        if reached_tune is None and row["tune_bpb"] <= best["tune_bpb"]:
-            reached_tune = row  # the same question on the tuning text: what the ablations are judged by
+    per_step = optimizer_flops_per_step(Transformer.build(copy.deepcopy(mcfg), device="meta"), tc)
+    branches = [] if skip_ours else cached_run(
+        cache, [dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, sorted(fractions), data["key"]],
+        lambda: ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log))
+    reached = next((b for b in branches if b["eval_bpb"] <= target), None)
+    # The same question on the tuning text: what the ablations are judged by.
+    reached_tune = next((b for b in branches if b["tune_bpb"] <= best["tune_bpb"]), None)
     full = next((b for b in branches if b["fraction"] == 1.0), None)
-    out = {"size": size, "seed": seed, "params": trunk.model.num_params(), "budget_tokens": budget,
+    out = {"size": size, "seed": seed, "params": sum(p.numel() for p in Transformer.build(copy.deepcopy(mcfg), device="meta").parameters()), "budget_tokens": budget,
            "flops_per_token": per_token, "muon_flops_per_step": per_step, "ours_recipe": _recipe(tc),
            "baseline_sweep": sweep, "baseline_best_lr": best.get("lr"), "target_eval_bpb": target,
            "baseline": best, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
@@ -264,6 +238,50 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     if reached_tune:
         out["ratios_tune"] = {k: reached_tune[k] / best[k] for k in ("tokens", "flops", "seconds")}
     return out
+
+
+def cached_run(cache: Path | None, identity: list, compute) -> Any:
+    """`compute()`, or its result from an earlier run with the same identity when `cache` is set. Lets the
+    baseline's learning rates and our run go to separate processes that run at the same time (same load)."""
+    if cache is None:
+        return compute()
+    path = cache / (hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if path.is_file():
+        out = json.loads(path.read_text())
+        return [{**r, "cached": True} for r in out] if isinstance(out, list) else {**out, "cached": True}
+    out = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def baseline_run(mcfg, tc, seed, data, per_token, score) -> dict:
+    r = Run.start(mcfg, tc, data["shards"], seed)
+    r.train_until(tc.max_steps)
+    return {"lr": tc.lr, "tune_bpb": score(r.model, data["tune"]), "eval_bpb": score(r.model, data["eval"]),
+            "val_bpb": score(r.model, data["val"]), "seconds": r.seconds, "tokens": r.tokens,
+            "flops": r.flops(per_token, 0.0), "load": load()}
+
+
+def ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log) -> list[dict]:
+    trunk = Run.start(mcfg, tc, data["shards"], seed)
+    branches = []
+    for f in sorted(fractions):
+        steps_f = round(f * tc.max_steps)
+        sched = dataclasses.replace(tc, max_steps=steps_f)  # a run whose whole budget is f
+        cool = max(1, round(tc.decay_frac * steps_f))
+        trunk.train_until(steps_f - cool)
+        b = trunk.branch()
+        b.train_until(steps_f, schedule=sched)
+        row = {"fraction": f, "steps": b.step, "tokens": b.tokens, "flops": b.flops(per_token, per_step),
+               "seconds": b.seconds, "eval_bpb": score(b.model, data["eval"]), "tune_bpb": score(b.model, data["tune"]),
+               "load": load()}
+        if f == 1.0:
+            row["val_bpb"] = score(b.model, data["val"])
+        branches.append(row)
+        log(f"[{size} seed {seed}] ours at {f:.2f} of the budget: eval {row['eval_bpb']:.4f} "
+            f"tune {row['tune_bpb']:.4f}  {b.seconds:.0f}s  load {row['load']}")
+    return branches
 
 
 def _recipe(tc: TrainConfig) -> dict[str, Any]:
@@ -289,9 +307,10 @@ def main() -> None:
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="change our recipe for an ablation, e.g. train.muon_lr=0.05 (repeatable)")
-    ap.add_argument("--cache-baseline", action="store_true",
-                    help="reuse baseline runs already in --work (ablations: FLOPs and bpb are reproducible, "
-                         "wall-clock then comes from another moment's load)")
+    ap.add_argument("--cache", action="store_true",
+                    help="reuse runs already in --work/cache with the same settings (each baseline lr and our run "
+                         "are cached separately, so they can run as parallel processes and be combined after)")
+    ap.add_argument("--skip-ours", action="store_true", help="only the baseline runs (to fill the cache)")
     args = ap.parse_args()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -319,8 +338,9 @@ def main() -> None:
             "tune": text_windows(Path(args.tune_text), tok, seq, args.eval_tokens), "val": val}
     data["key"] = [tok.hash, sha256_file(Path(args.eval_text)), sha256_file(Path(args.tune_text)), args.eval_tokens,
                    torch.__version__]
-    cache = Path(args.work) / "baseline-cache" if args.cache_baseline else None
-    results = [run_size(s, seed, int(BUDGET[s] * mult), lrs, fractions, data, log, args.ours_set, cache)
+    cache = Path(args.work) / "cache" if args.cache else None
+    results = [run_size(s, seed, int(BUDGET[s] * mult), lrs, fractions, data, log, args.ours_set, cache,
+                        args.skip_ours)
                for s in sizes for seed in seeds]
 
     summary: dict[str, Any] = {}
@@ -340,7 +360,8 @@ def main() -> None:
         print(f"{r['size']} seed {r['seed']} ({r['params'] / 1e6:.1f}M params, {r['budget_tokens']:,} tokens): "
               + (f"baseline lr {r['baseline_best_lr']:g} eval {b['eval_bpb']:.4f} tune {b['tune_bpb']:.4f} "
                  f"val {b['val_bpb']:.4f} | " if r["baseline_sweep"] else "")
-              + f"ours full budget eval {o['eval_bpb']:.4f} tune {o['tune_bpb']:.4f} val {o['val_bpb']:.4f} | "
+              + (f"ours full budget eval {o['eval_bpb']:.4f} tune {o['tune_bpb']:.4f} val {o['val_bpb']:.4f} | "
+                 if o else "")
               + (f"reached at {r['reached']['fraction']:.2f} of the budget" if r["reached"] else "not reached"))
     print(f"load before {load_before}, after {load()}")
     print("ratios ours/baseline (worst seed): " + "; ".join(
