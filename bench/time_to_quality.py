@@ -21,8 +21,9 @@ Quality is bits per byte on `--eval-text` (Korean; never trained or tuned on). D
 
 Compute is FLOPs: 6·(matmul weights)·tokens plus attention (Transformer.flops_per_token), plus Muon's
 Newton-Schulz FLOPs per optimizer step (optim.optimizer_flops_per_step). FLOP ratios do not depend on the
-machine's load; wall-clock ratios do (the runs of one size alternate in one process, so they share the load,
-but a busy shared machine still makes them noisy). The `uptime` load is recorded before and after.
+machine's load; wall-clock ratios do: in one process the runs follow each other, and with `--cache` each side
+can run as its own process at the same time (then combined by a last call), but a busy shared machine makes
+wall-clock noisy either way. The load average is recorded with every run.
 
 The last line printed is the ratios (ours / baseline) per size, and their worst case.
 """
