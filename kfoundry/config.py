@@ -59,7 +59,14 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward pass on one process
     tokens_per_step: int = 0  # 0 = one micro-batch per step; else gradient accumulation up to this many tokens
     max_steps: int = 300
-    lr: float = 3e-3
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' 2-D matrices, AdamW on embeddings, head, norms)
+    lr: float = 3e-3  # AdamW's peak learning rate; the schedule's reference (other groups scale with it)
+    muon_lr: float = 0.02  # optimizer=muon: Muon's peak learning rate on the hidden matrices
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # optimizer=muon: decoupled decay of the hidden matrices (x lr per step)
+    embed_lr: float = 0.0  # AdamW peak learning rate of the token embedding; 0 = lr
+    head_lr: float = 0.0  # ... of an untied output head; 0 = lr
+    norm_lr: float = 0.0  # ... of the RMSNorm gains; 0 = lr
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
@@ -113,7 +120,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {
         "model": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=256,
                       tie_embeddings=True),
-        "train": dict(seq_len=256, micro_batch_size=8, max_steps=400, lr=3e-3, warmup_steps=40, eval_every=100,
+        "train": dict(seq_len=256, micro_batch_size=8, max_steps=400, optimizer="muon", lr=3e-3, muon_lr=0.01,
+                      warmup_steps=20, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0, eval_every=100,
                       ckpt_every=100),
         "data": dict(vocab_size=4096, split_chars=1200),
     },
@@ -138,8 +146,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpu-124m": {
         "model": dict(vocab_size=32768, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
                       max_seq_len=1024, tie_embeddings=True),
-        "train": dict(seq_len=1024, micro_batch_size=32, tokens_per_step=524_288, max_steps=5000, lr=1e-3,
-                      warmup_steps=200, eval_every=250, eval_batches=20, ckpt_every=500, compile=True),
+        "train": dict(seq_len=1024, micro_batch_size=32, tokens_per_step=524_288, max_steps=5000, optimizer="muon",
+                      lr=1e-3, muon_lr=0.02, warmup_steps=200, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0,
+                      eval_every=250, eval_batches=20, ckpt_every=500, compile=True),
         "data": dict(vocab_size=32768),
     },
 }

@@ -48,8 +48,11 @@ from kfoundry.train.distributed import DistInfo, prepare_frozen, shutdown
 from kfoundry.train.precision import autocast
 from kfoundry.train.trainer import EpochSource, Stage, StepLoss, Trainer
 
-DPO_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "min_lr_ratio": 0.1, "warmup_steps": 5, "weight_decay": 0.0,
-                                "max_steps": 0, "eval_every": 25, "ckpt_every": 100, "log_every": 5}
+# Fine-tuning keeps AdamW with a cosine decay whatever the preset's pretraining recipe (Muon, WSD) is;
+# `--set train.optimizer=muon` switches it.
+DPO_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "schedule": "cosine", "lr": 2e-4, "min_lr_ratio": 0.1,
+                                "warmup_steps": 5, "weight_decay": 0.0, "max_steps": 0, "eval_every": 25,
+                                "ckpt_every": 100, "log_every": 5}
 CACHE_FILE = "reference_logps.safetensors"
 
 Pair = tuple[Example, Example]  # (chosen, rejected)

@@ -49,8 +49,11 @@ from kfoundry.train.trainer import EpochSource, Stage, StepLoss, Trainer
 
 # SFT starts from the preset's batch shape and device, with optimisation settings suited to fine-tuning: a smaller
 # peak learning rate than pretraining, a short warmup, no weight decay. max_steps=0 means "derive from epochs".
-SFT_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, "weight_decay": 0.0,
-                                "max_steps": 0, "eval_every": 50, "ckpt_every": 100, "log_every": 10}
+# Fine-tuning keeps AdamW with a cosine decay whatever the preset's pretraining recipe (Muon, WSD) is;
+# `--set train.optimizer=muon` switches it.
+SFT_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "schedule": "cosine", "lr": 1e-3, "min_lr_ratio": 0.1,
+                                "warmup_steps": 10, "weight_decay": 0.0, "max_steps": 0, "eval_every": 50,
+                                "ckpt_every": 100, "log_every": 10}
 
 
 def post_train_config(preset_name: str | None, overrides: Sequence[str], defaults: dict[str, Any]) -> TrainConfig:

@@ -53,7 +53,7 @@ from kfoundry.train.distributed import (DistInfo, all_reduce_sum, broadcast_obje
                                         no_grad_sync, parallelize, scale_grads)
 from kfoundry.train.metrics import MetricsLog, median_tps
 from kfoundry.train.mfu import checked_mfu, peak_flops
-from kfoundry.train.optim import build_optimizer, lr_at
+from kfoundry.train.optim import apply_lr, build_optimizer
 from kfoundry.train.precision import autocast
 
 # Settings that may differ on resume without being a change of the run (none of them changes a weight): where it
@@ -468,9 +468,7 @@ class Trainer:
         try:
             while self.step < tc.max_steps:
                 t0 = time.perf_counter()
-                lr = lr_at(self.step, tc)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                lr = apply_lr(self.optimizer, self.step, tc)  # each group: the schedule x its lr_scale
                 micro = (to_device(next(self.source), device) for _ in range(self.accum))
                 sums = accumulate_gradients(stage, self.fwd, self.model, micro, self.accum, device)
                 # Every rank must agree on stopping: a rank past the wall-clock budget says so in the same reduce.

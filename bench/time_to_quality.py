@@ -1,0 +1,374 @@
+"""Time to quality: our default training recipe against the standard one, on held-out Korean text.
+
+    python bench/time_to_quality.py --eval-text FILE [--quick] [--json OUT] [--sizes tiny,20m] [--seeds 1,2]
+
+What runs, for each model size and seed (identical shape, data, token budget and seeds on both sides):
+
+- **baseline**, the recipe a user would pick instead: AdamW (β 0.9/0.95, weight decay 0.1 on matrices, eps 1e-8),
+  linear warmup over 10% of the steps, cosine to 10% of the peak, the model's default initialisation (normal
+  0.02, residual outputs scaled by 1/sqrt(2·layers) as GPT-2/torchtitan do), the old cpu-tiny batch. Its
+  learning rate is swept over `--baseline-lrs` (≥ 4 values); the one with the lowest bits per byte on the
+  *tuning* text (FLORES-200 dev, Korean) is kept. Its final bits per byte on `--eval-text` is the target.
+- **ours**: the optimizer, learning rates, schedule, warmup and batch of the `cpu-tiny` preset (our default).
+  Its schedule is warmup-stable-decay, so one stable run serves every shorter budget: at each fraction f of the
+  budget in `--fractions` a copy branches off and cools down as a run of budget f would (the last
+  `decay_frac` of f), and is scored. The first f that reaches the target gives the tokens, FLOPs and
+  wall-clock "ours needed"; a user who trains with budget f spends exactly that.
+
+Quality is bits per byte on `--eval-text` (Korean; never trained or tuned on). Data: the shared NSMC reviews
+(Korean) and Tiny Shakespeare (English), mixed 9:1 by characters, tokenized once into `--work` with a BPE of
+4,096 tokens trained on the same mix.
+
+Compute is FLOPs: 6·(matmul weights)·tokens plus attention (Transformer.flops_per_token), plus Muon's
+Newton-Schulz FLOPs per optimizer step (optim.optimizer_flops_per_step). FLOP ratios do not depend on the
+machine's load; wall-clock ratios do: in one process the runs follow each other, and with `--cache` each side
+can run as its own process at the same time (then combined by a last call), but a busy shared machine makes
+wall-clock noisy either way. The load average is recorded with every run.
+
+The last line printed is the ratios (ours / baseline) per size, and their worst case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kfoundry.config import ModelConfig, TrainConfig, preset, resolve
+from kfoundry.data.loader import PackedLoader
+from kfoundry.fileio import sha256_file
+from kfoundry.model.llama import Transformer
+from kfoundry.pipeline import ensure_shards, ensure_tokenizer
+from kfoundry.text import nfc
+from kfoundry.tokenizer import KTokenizer
+from kfoundry.train.optim import apply_lr, build_optimizer, optimizer_flops_per_step
+
+SHARED = Path(os.environ.get("KFOUNDRY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+LN2 = math.log(2)
+
+# Shapes. `tiny` is the cpu-tiny preset's model; `20m` is a ~20M-parameter model with the same vocabulary.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {},  # filled from the preset below
+    "20m": dict(vocab_size=4096, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=256,
+                tie_embeddings=True),
+}
+# Token budgets: cpu-tiny's 400 steps x 8 rows x 256 tokens; the 20M model gets 2.5x that (~0.1 tokens/param:
+# what this 2-core machine can afford, far below compute-optimal; see docs/benchmarks.md).
+BUDGET = {"tiny": 819_200, "20m": 2_048_000}
+# The standard recipe's batch (rows of 256 tokens), warmup share and schedule.
+BASELINE = dict(optimizer="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, schedule="cosine", min_lr_ratio=0.1,
+                micro_batch_size=8, grad_clip=1.0)
+BASELINE_WARMUP = 0.1
+
+
+def load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and scoring
+
+
+def prepare(work: Path, log) -> tuple[Path, Path]:
+    corpus = f"{SHARED / 'ko' / 'nsmc' / 'reviews.jsonl.gz'}:0.9,{SHARED / 'en' / 'tinyshakespeare' / 'input.txt'}:0.1"
+    cfg = resolve("cpu-tiny", overrides=[f"data.corpus={corpus}", "data.max_total_chars=20000000",
+                                         "data.val_fraction=0.02"])
+    tok = ensure_tokenizer(work, cfg, log=log)
+    return tok, ensure_shards(work, cfg, tok, log=log)
+
+
+def text_windows(path: Path, tok: KTokenizer, seq_len: int, max_tokens: int) -> torch.Tensor:
+    """A text file as rows of seq_len+1 tokens: one document per non-empty line, each [BOS] text [EOS], as the
+    shards store them, packed back to back and cut into non-overlapping windows."""
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    lines = [nfc(x).strip() for x in path.read_text(encoding="utf-8").splitlines()]
+    stream: list[int] = []
+    for ids in tok.encode_batch([x for x in lines if x], bos=True, eos=True):
+        stream += ids
+        if len(stream) >= max_tokens + seq_len + 1:
+            break
+    n = min(len(stream) - 1, max_tokens) // seq_len
+    if n == 0:
+        raise ValueError(f"{path} is too short to score (needs more than {seq_len} tokens)")
+    return torch.tensor([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
+
+
+@torch.no_grad()
+def bits_per_byte(model: Transformer, rows: torch.Tensor, token_bytes: torch.Tensor, batch: int = 16) -> float:
+    """Total loss in bits over total UTF-8 bytes of the predicted tokens (special tokens excluded)."""
+    was = model.training
+    model.eval()
+    nats = nbytes = 0.0
+    for i in range(0, len(rows), batch):
+        x, y = rows[i: i + batch, :-1], rows[i: i + batch, 1:]
+        loss = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+        b = token_bytes[y.flatten()]
+        nats += float(loss[b > 0].double().sum())
+        nbytes += float(b[b > 0].double().sum())
+    model.train(was)
+    return nats / nbytes / LN2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclasses.dataclass
+class Run:
+    """One training run's state: model, optimizer, loader position, counters."""
+
+    model: Transformer
+    opt: torch.optim.Optimizer
+    loader: PackedLoader
+    batches: Any
+    tc: TrainConfig
+    step: int = 0
+    tokens: int = 0
+    seconds: float = 0.0  # training wall-clock only (evaluation excluded)
+
+    @classmethod
+    def start(cls, mcfg: ModelConfig, tc: TrainConfig, shards: Path, seed: int) -> "Run":
+        torch.manual_seed(seed)
+        model = Transformer.build(copy.deepcopy(mcfg), seed=seed)
+        model.train()
+        loader = PackedLoader(shards, split="train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=seed)
+        return cls(model, build_optimizer(model, tc, "cpu"), loader, iter(loader), tc)
+
+    def train_until(self, step: int, schedule: TrainConfig | None = None) -> None:
+        """Optimizer steps up to `step`, with the learning rates of `schedule` (default: the run's own)."""
+        sched = schedule or self.tc
+        while self.step < step:
+            t0 = time.perf_counter()
+            apply_lr(self.opt, self.step, sched)
+            x, y = next(self.batches)
+            loss = self.model(x, y)
+            loss.backward()
+            if self.tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.seconds += time.perf_counter() - t0
+            self.step += 1
+            self.tokens += x.numel()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {float(loss)} at step {self.step}")
+
+    def branch(self) -> "Run":
+        """An independent copy (weights, optimizer moments, data position) to cool down from here."""
+        model = copy.deepcopy(self.model)
+        opt = build_optimizer(model, self.tc, "cpu")
+        opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))  # load shares tensors: copy
+        loader = PackedLoader(self.loader.shard_dir, split="train", batch_size=self.tc.micro_batch_size,
+                              seq_len=self.tc.seq_len, seed=self.loader.seed)
+        loader.load_state_dict(self.loader.state_dict())
+        return Run(model, opt, loader, iter(loader), self.tc, self.step, self.tokens, self.seconds)
+
+    def flops(self, per_token: float, per_step: float) -> float:
+        return per_token * self.tokens + per_step * self.step
+
+
+def baseline_cfg(seq_len: int, lr: float, steps: int) -> TrainConfig:
+    """A fresh TrainConfig: nothing of our recipe (per-group rates, Muon) leaks into the baseline."""
+    return TrainConfig(seq_len=seq_len, **BASELINE, lr=lr, max_steps=steps,
+                       warmup_steps=max(1, round(BASELINE_WARMUP * steps)))
+
+
+def ours_cfg(tc0: TrainConfig, budget: int) -> TrainConfig:
+    """The cpu-tiny preset's recipe, its step count set by the budget (warmup keeps its share of the steps)."""
+    steps = budget // (tc0.micro_batch_size * tc0.seq_len)
+    warm = round(tc0.warmup_steps / tc0.max_steps * steps) if tc0.warmup_steps else 0
+    return dataclasses.replace(tc0, max_steps=steps, warmup_steps=warm)
+
+
+def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: list[float], data: dict, log,
+             ours_set: list[str], cache: Path | None, skip_ours: bool = False) -> dict:
+    base = resolve("cpu-tiny", overrides=ours_set)
+    mcfg = dataclasses.replace(preset("cpu-tiny").model, **SIZES[size])
+    tc0 = base.train
+    score = lambda m, rows: bits_per_byte(m, rows, data["token_bytes"])  # noqa: E731
+    per_token = Transformer.build(copy.deepcopy(mcfg), device="meta").flops_per_token(tc0.seq_len)
+
+    # -- baseline: the lr sweep, the best kept by the tuning text ------------------------------------------
+    b_steps = budget // (BASELINE["micro_batch_size"] * tc0.seq_len)
+    sweep = []
+    for lr in lrs:
+        tc = baseline_cfg(tc0.seq_len, lr, b_steps)
+        row = cached_run(cache, [dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, data["key"]],
+                         lambda: baseline_run(mcfg, tc, seed, data, per_token, score))
+        sweep.append(row)
+        log(f"[{size} seed {seed}] baseline lr={lr:g}: tune {row['tune_bpb']:.4f}  eval {row['eval_bpb']:.4f}  "
+            f"{row['seconds']:.0f}s  {'(cached)' if row.get('cached') else ''} load {row['load']}")
+    # No baseline (--baseline-lrs ''): ours alone, e.g. for an ablation compared with a baseline run earlier.
+    best = min(sweep, key=lambda s: s["tune_bpb"]) if sweep else {"eval_bpb": -math.inf, "tune_bpb": -math.inf}
+    target = best["eval_bpb"]
+
+    # -- ours: one stable trunk, a cooldown branch per budget fraction ------------------------------------
+    tc = ours_cfg(tc0, budget)
+    if tc.schedule != "wsd" and sorted(fractions) != [1.0]:
+        raise ValueError("branching shorter budgets off one run needs train.schedule=wsd; "
+                         "with another schedule pass --fractions 1.0 (the full budget only)")
+    per_step = optimizer_flops_per_step(Transformer.build(copy.deepcopy(mcfg), device="meta"), tc)
+    branches = [] if skip_ours else cached_run(
+        cache, [dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, sorted(fractions), data["key"]],
+        lambda: ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log))
+    reached = next((b for b in branches if b["eval_bpb"] <= target), None)
+    # The same question on the tuning text: what the ablations are judged by.
+    reached_tune = next((b for b in branches if b["tune_bpb"] <= best["tune_bpb"]), None)
+    full = next((b for b in branches if b["fraction"] == 1.0), None)
+    out = {"size": size, "seed": seed, "params": sum(p.numel() for p in Transformer.build(copy.deepcopy(mcfg), device="meta").parameters()), "budget_tokens": budget,
+           "flops_per_token": per_token, "muon_flops_per_step": per_step, "ours_recipe": _recipe(tc),
+           "baseline_sweep": sweep, "baseline_best_lr": best.get("lr"), "target_eval_bpb": target,
+           "baseline": best, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
+           "reached_tune": reached_tune}
+    if reached:
+        out["ratios"] = {k: reached[k] / best[k] for k in ("tokens", "flops", "seconds")}
+    if reached_tune:
+        out["ratios_tune"] = {k: reached_tune[k] / best[k] for k in ("tokens", "flops", "seconds")}
+    return out
+
+
+def cached_run(cache: Path | None, identity: list, compute) -> Any:
+    """`compute()`, or its result from an earlier run with the same identity when `cache` is set. Lets the
+    baseline's learning rates and our run go to separate processes that run at the same time (same load)."""
+    if cache is None:
+        return compute()
+    path = cache / (hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if path.is_file():
+        out = json.loads(path.read_text())
+        return [{**r, "cached": True} for r in out] if isinstance(out, list) else {**out, "cached": True}
+    out = compute()
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out) + "\n")
+    return out
+
+
+def baseline_run(mcfg, tc, seed, data, per_token, score) -> dict:
+    r = Run.start(mcfg, tc, data["shards"], seed)
+    r.train_until(tc.max_steps)
+    return {"lr": tc.lr, "tune_bpb": score(r.model, data["tune"]), "eval_bpb": score(r.model, data["eval"]),
+            "val_bpb": score(r.model, data["val"]), "seconds": r.seconds, "tokens": r.tokens,
+            "flops": r.flops(per_token, 0.0), "load": load()}
+
+
+def ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log) -> list[dict]:
+    trunk = Run.start(mcfg, tc, data["shards"], seed)
+    branches = []
+    for f in sorted(fractions):
+        steps_f = round(f * tc.max_steps)
+        sched = dataclasses.replace(tc, max_steps=steps_f)  # a run whose whole budget is f
+        cool = max(1, round(tc.decay_frac * steps_f))
+        trunk.train_until(steps_f - cool)
+        b = trunk.branch()
+        b.train_until(steps_f, schedule=sched)
+        row = {"fraction": f, "steps": b.step, "tokens": b.tokens, "flops": b.flops(per_token, per_step),
+               "seconds": b.seconds, "eval_bpb": score(b.model, data["eval"]), "tune_bpb": score(b.model, data["tune"]),
+               "load": load()}
+        if f == 1.0:
+            row["val_bpb"] = score(b.model, data["val"])
+        branches.append(row)
+        log(f"[{size} seed {seed}] ours at {f:.2f} of the budget: eval {row['eval_bpb']:.4f} "
+            f"tune {row['tune_bpb']:.4f}  {b.seconds:.0f}s  load {row['load']}")
+    return branches
+
+
+def _recipe(tc: TrainConfig) -> dict[str, Any]:
+    keys = ("optimizer", "lr", "muon_lr", "muon_momentum", "muon_weight_decay", "embed_lr", "head_lr", "norm_lr",
+            "schedule", "decay_frac", "min_lr_ratio", "warmup_steps", "max_steps", "micro_batch_size",
+            "weight_decay", "beta1", "beta2", "grad_clip")
+    return {k: getattr(tc, k) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--eval-text", required=True, help="Korean text, one document per line, never trained on")
+    ap.add_argument("--tune-text", default=str(SHARED / "flores200" / "dev" / "kor_Hang.dev"),
+                    help="text that picks the baseline's learning rate (default: FLORES-200 dev, Korean)")
+    ap.add_argument("--quick", action="store_true", help="one size (tiny), one seed, a quarter of the budget")
+    ap.add_argument("--sizes", default="tiny,20m")
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--budget-mult", type=float, default=1.0, help="multiply every token budget (4 for the 4x check)")
+    ap.add_argument("--baseline-lrs", default="1e-3,2e-3,3e-3,6e-3")
+    ap.add_argument("--fractions", default="0.4,0.5,0.6,0.7,0.8,1.0")
+    ap.add_argument("--eval-tokens", type=int, default=32768, help="tokens scored of each text")
+    ap.add_argument("--work", default="runs/bench-ttq")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change our recipe for an ablation, e.g. train.muon_lr=0.05 (repeatable)")
+    ap.add_argument("--cache", action="store_true",
+                    help="reuse runs already in --work/cache with the same settings (each baseline lr and our run "
+                         "are cached separately, so they can run as parallel processes and be combined after)")
+    ap.add_argument("--skip-ours", action="store_true", help="only the baseline runs (to fill the cache)")
+    args = ap.parse_args()
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    sizes, seeds = args.sizes.split(","), [int(s) for s in args.seeds.split(",")]
+    mult = args.budget_mult
+    if args.quick:
+        sizes, seeds, mult = ["tiny"], seeds[:1], mult * 0.25
+    lrs = [float(x) for x in args.baseline_lrs.split(",") if x]
+    fractions = [float(x) for x in args.fractions.split(",")]
+    if 1.0 not in fractions:
+        fractions.append(1.0)
+    SIZES["tiny"] = dataclasses.asdict(preset("cpu-tiny").model)
+    for s in sizes:
+        if s not in SIZES:
+            raise ValueError(f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+    load_before = load()
+    t0 = time.perf_counter()
+    tok_dir, shards = prepare(Path(args.work), log)
+    tok = KTokenizer.load(tok_dir)
+    seq = preset("cpu-tiny").train.seq_len
+    val_rows = next(iter(PackedLoader(shards, split="val", batch_size=10_000, seq_len=seq, loop=False)))
+    val = torch.cat([val_rows[0], val_rows[1][:, -1:]], dim=1)[: args.eval_tokens // seq]  # x plus the last target
+    data = {"shards": shards, "token_bytes": torch.tensor(tok.token_bytes()),
+            "eval": text_windows(Path(args.eval_text), tok, seq, args.eval_tokens),
+            "tune": text_windows(Path(args.tune_text), tok, seq, args.eval_tokens), "val": val}
+    data["key"] = [tok.hash, sha256_file(Path(args.eval_text)), sha256_file(Path(args.tune_text)), args.eval_tokens,
+                   torch.__version__]
+    cache = Path(args.work) / "cache" if args.cache else None
+    results = [run_size(s, seed, int(BUDGET[s] * mult), lrs, fractions, data, log, args.ours_set, cache,
+                        args.skip_ours)
+               for s in sizes for seed in seeds]
+
+    summary: dict[str, Any] = {}
+    for s in sizes:
+        rs = [r for r in results if r["size"] == s]
+        if all("ratios" in r for r in rs):
+            summary[s] = {k: max(r["ratios"][k] for r in rs) for k in ("tokens", "flops", "seconds")}
+        else:
+            summary[s] = None  # some seed never reached the baseline's quality within the budget
+    report = {"eval_text": args.eval_text, "ours_set": args.ours_set, "tune_text": args.tune_text, "quick": args.quick, "budget_mult": mult,
+              "torch_threads": torch.get_num_threads(), "load_before": load_before, "load_after": load(),
+              "total_seconds": time.perf_counter() - t0, "results": results, "worst_ratios_by_size": summary}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    for r in results:
+        b, o = r["baseline"], r["ours_full_budget"]
+        print(f"{r['size']} seed {r['seed']} ({r['params'] / 1e6:.1f}M params, {r['budget_tokens']:,} tokens): "
+              + (f"baseline lr {r['baseline_best_lr']:g} eval {b['eval_bpb']:.4f} tune {b['tune_bpb']:.4f} "
+                 f"val {b['val_bpb']:.4f} | " if r["baseline_sweep"] else "")
+              + (f"ours full budget eval {o['eval_bpb']:.4f} tune {o['tune_bpb']:.4f} val {o['val_bpb']:.4f} | "
+                 if o else "")
+              + (f"reached at {r['reached']['fraction']:.2f} of the budget" if r["reached"] else "not reached"))
+    print(f"load before {load_before}, after {load()}")
+    print("ratios ours/baseline (worst seed): " + "; ".join(
+        f"{s}: " + (f"tokens {v['tokens']:.2f}x flops {v['flops']:.2f}x wall-clock {v['seconds']:.2f}x" if v
+                    else "baseline quality not reached") for s, v in summary.items()))
+
+
+if __name__ == "__main__":
+    main()
