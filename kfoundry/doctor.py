@@ -24,6 +24,9 @@ import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kfoundry.corpus.starter import konlpy_corpus_dir  # locates konlpy's files without importing konlpy
+from kfoundry.eval.plugin import PTH_NAME  # a constant; the plugin module imports only the standard library
+
 
 @dataclass
 class Check:
@@ -72,12 +75,10 @@ def check_module(name: str, dist: str, disables: str, required: bool = False) ->
 
 def check_konlpy_data() -> Check:
     """The `starter` corpus reads text files shipped inside konlpy; no Java is needed, only the files."""
-    from kfoundry.corpus.starter import konlpy_corpus_dir  # light: locates files, imports nothing heavy
-
     disables = "the `starter` corpus (the speedrun's default data)"
     try:
         path = konlpy_corpus_dir()
-    except Exception as e:  # CorpusError carries the reason in one line
+    except Exception as e:  # noqa: BLE001  (CorpusError, or anything konlpy's layout throws: report, don't crash)
         return Check("konlpy data", False, str(e), disables, True)
     return Check("konlpy data", True, str(path), disables, True)
 
@@ -103,8 +104,6 @@ def check_chromium() -> Check:
 
 
 def check_lm_eval_plugin() -> Check:
-    from kfoundry.eval.plugin import PTH_NAME  # a constant; the plugin module imports nothing heavy
-
     disables = "`lm_eval --model kfoundry` from lm-eval's own CLI (`kfoundry eval` works without it)"
     pth = Path(sysconfig.get_paths()["purelib"]) / PTH_NAME
     if pth.is_file():

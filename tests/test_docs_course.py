@@ -6,10 +6,11 @@ once covers both languages. A chapter becomes one bash script (`set -euo pipefai
 `python - <<'EOF' ... EOF`) run in one temporary directory shared by all chapters, so the run folder that chapter 1's
 speedrun makes (`runs/speedrun`) is the one the later chapters read, exactly as in the course.
 
-Small scale: the chapters read three knobs with defaults for a learner (`PRESET=${PRESET:-cpu-tiny}`,
-`STEPS=${STEPS:-40}`, `LIMIT=${LIMIT:-100}`); this test sets PRESET=test-micro, STEPS=3, LIMIT=4, the small-scale
-settings that chapter 1 documents. A block whose info string carries `skip=gpu` or `skip=network` needs what CI does
-not have; it is listed in the chapter as such and never run here (the test checks that the reason is one of those).
+Small scale: the chapters read four knobs with defaults for a learner (`PRESET=${PRESET:-cpu-tiny}`,
+`STEPS=${STEPS:-40}`, `LIMIT=${LIMIT:-100}`, `STUDENT=${STUDENT:-nano}`); this test sets PRESET=test-micro, STEPS=3,
+LIMIT=4, STUDENT=test-micro, the small-scale settings that chapter 1 and docs/README.md document. A block whose
+info string carries `skip=gpu` or `skip=network` needs what CI does not have; it is listed in the chapter as such
+and never run here (the test checks that the reason is one of those).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```\s*$", re.S | re.M)
 RUN_LANGS = {"bash", "python"}
 SKIP_REASONS = {"gpu", "network"}
 CHAPTERS = sorted(p for p in COURSE.glob("[0-9][0-9]-*.md") if not p.name.endswith(".ko.md"))
-SMALL = {"PRESET": "test-micro", "STEPS": "3", "LIMIT": "4"}
+SMALL = {"PRESET": "test-micro", "STEPS": "3", "LIMIT": "4", "STUDENT": "test-micro"}
 
 
 def blocks(page: Path) -> list[tuple[str, str, str]]:
@@ -47,7 +48,8 @@ def blocks(page: Path) -> list[tuple[str, str, str]]:
 
 
 def chapter_script(page: Path) -> str:
-    parts = ["set -euo pipefail"]
+    # a server a chapter starts in the background never outlives the chapter, even when a command fails
+    parts = ["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]
     for lang, reason, code in blocks(page):
         if reason:
             continue
@@ -74,7 +76,7 @@ def test_the_block_parser_sees_what_a_reader_sees():
     try:
         tmp.write_text(page, encoding="utf-8")
         assert blocks(tmp) == [("bash", "", "echo hi\n"), ("bash", "gpu", "nvidia-smi\n"), ("python", "", "print(1)\n")]
-        assert chapter_script(tmp) == "set -euo pipefail\necho hi\n\npython - <<'PYEOF'\nprint(1)\nPYEOF\n"
+        assert chapter_script(tmp).endswith(" EXIT\necho hi\n\npython - <<'PYEOF'\nprint(1)\nPYEOF\n")
     finally:
         tmp.unlink()
 

@@ -56,7 +56,8 @@ def skeleton(code: str) -> list[str]:
 
 
 def links_to(page: Path, other: Path) -> bool:
-    return re.search(r"\]\((\./)?" + re.escape(other.name) + r"(#[^)]*)?\)", page.read_text(encoding="utf-8")) is not None
+    link = r"\]\((\./)?" + re.escape(other.name) + r"(#[^)]*)?\)"  # a markdown link, not a mention in `code`
+    return re.search(link, page.read_text(encoding="utf-8")) is not None
 
 
 PAGES = english_pages()
