@@ -27,6 +27,7 @@ STAGE_MODULES = [
     "kfoundry.post.distill_cli",
     "kfoundry.serve.cli",
     "kfoundry.provenance.cli",
+    "kfoundry.doctor",
 ]
 
 
