@@ -26,3 +26,7 @@ class DataError(KFoundryError, ValueError):
 
 class DependencyError(KFoundryError, ImportError):
     """An optional package a command needs is not installed."""
+
+
+class MissingPathError(KFoundryError, FileNotFoundError):
+    """A path the user named does not exist (also a FileNotFoundError, for code that catches that)."""

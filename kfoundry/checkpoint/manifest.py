@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from kfoundry.errors import CheckpointError
+from kfoundry.errors import CheckpointError, MissingPathError
 from kfoundry.fileio import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
@@ -53,6 +53,8 @@ def read_manifest(directory: str | Path) -> dict[str, str]:
     """The `files` mapping of a manifest that is well formed and lists exactly the files of the directory."""
     directory = Path(directory)
     path = directory / MANIFEST
+    if not directory.exists():
+        raise MissingPathError(f"no such checkpoint directory: {directory}")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     if not path.is_file():
