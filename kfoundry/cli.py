@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from kfoundry.errors import KFoundryError
+
 # Modules that register subcommands, in the order they appear in `kfoundry --help`.
 STAGE_MODULES = [
     "kfoundry.speedrun",
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+    except (KFoundryError, UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         if os.environ.get("KFOUNDRY_DEBUG"):
             raise
         print(f"kfoundry: error: {e}", file=sys.stderr)

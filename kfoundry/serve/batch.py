@@ -172,7 +172,7 @@ class PreparedSlots:
             model.__dict__["_sequence_decoder_weights"] = cached
         self.layers, self.order = cached[1]
         self.kv = [torch.zeros(n_slots, 2, cfg.n_kv_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
-        cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq, torch.float32)
+        cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq)  # fp32
         half = cfg.head_dim // 2
         self.rot = torch.complex(cos[0, :, :half], sin[0, :, :half])  # [max_len, head_dim / 2]
         self.key_pos = torch.arange(max_len)
