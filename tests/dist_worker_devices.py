@@ -10,7 +10,7 @@ device) and everything torch creates internally pass.
 It runs the real pretraining stage (steps with accumulation, evaluation, a sharded checkpoint, a resume) and the
 real DPO stage (reference log-probabilities dealt out to ranks, evaluation) with 2 processes.
 
-    torchrun --nproc_per_node 2 tests/dist_worker_devices.py TOK_DIR SHARD_DIR CKPT PREFS OUT_DIR
+    torchrun --nproc_per_node 2 tests/dist_worker_devices.py pretrain|resume|dpo TOK_DIR SHARD_DIR CKPT PREFS OUT_DIR
 """
 
 import os
@@ -51,7 +51,8 @@ def device_checked(name: str):
     return collective
 
 
-def main(tok: str, shards: str, ckpt: str, prefs: str, out: str) -> None:
+def main(stage: str, tok: str, shards: str, ckpt: str, prefs: str, out: str) -> None:
+    """One stage per process, as the CLI runs them (a process group is joined once per process)."""
     for name in COLLECTIVES:
         setattr(dist, name, device_checked(name))
     MarkHostTensors().__enter__()
@@ -61,17 +62,21 @@ def main(tok: str, shards: str, ckpt: str, prefs: str, out: str) -> None:
 
     sets = ["train.max_steps=6", "train.ckpt_every=3", "train.eval_every=3", "train.log_every=1",
             "train.eval_batches=2", "train.tokens_per_step=512", "train.device=cpu", "train.micro_batch_size=2"]
-    cfg = resolve("test-micro", overrides=sets)
-    pretrain(cfg, Path(out) / "pre", shard_dir=shards, tokenizer_dir=tok, progress=False, log=lambda m: None)
-    cfg = resolve("test-micro", overrides=[*sets[:1], "train.max_steps=9", *sets[1:]])
-    summary = pretrain(cfg, Path(out) / "pre", shard_dir=shards, tokenizer_dir=tok, resume="auto",
-                       allow_change=True, progress=False, log=lambda m: None)
-    tc = dpo_train_config("test-micro", ["train.max_steps=2", "train.eval_every=2", "train.micro_batch_size=2",
-                                         "train.device=cpu", "train.seq_len=64"])
-    dpo(ckpt, [prefs], Path(out) / "dpo", tc, val_fraction=0.25, progress=False, log=lambda m: None)
+    if stage == "pretrain":
+        cfg = resolve("test-micro", overrides=sets)
+        summary = pretrain(cfg, Path(out) / "pre", shard_dir=shards, tokenizer_dir=tok, progress=False,
+                           log=lambda m: None)
+    elif stage == "resume":  # a sharded checkpoint read back, then 3 more steps
+        cfg = resolve("test-micro", overrides=[*sets[:1], "train.max_steps=9", *sets[1:]])
+        summary = pretrain(cfg, Path(out) / "pre", shard_dir=shards, tokenizer_dir=tok, resume="auto",
+                           allow_change=True, progress=False, log=lambda m: None)
+    else:
+        tc = dpo_train_config("test-micro", ["train.max_steps=2", "train.eval_every=2", "train.micro_batch_size=2",
+                                             "train.device=cpu", "train.seq_len=64"])
+        summary = dpo(ckpt, [prefs], Path(out) / "dpo", tc, val_fraction=0.25, progress=False, log=lambda m: None)
     if os.environ.get("RANK") == "0":
-        (Path(out) / "done.txt").write_text(str(summary["step"]))
+        (Path(out) / f"{stage}.done").write_text(str(summary["step"]))
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])

@@ -25,10 +25,13 @@ def test_no_collective_sees_a_tensor_off_the_training_device(micro_data, tiny_ch
                                          "rejected": texts[(i + 2) % 4]}, ensure_ascii=False) + "\n"
                              for i in range(8) for t in texts[:1]), encoding="utf-8")
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(HERE / "dist_worker_devices.py"), str(tok), str(shards), str(ckpt), str(prefs),
-                           str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "done.txt").read_text() == "9"
-    assert "No backend type associated" not in done.stderr
+    out.mkdir()
+    for stage in ("pretrain", "resume", "dpo"):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(HERE / "dist_worker_devices.py"), stage, str(tok), str(shards), str(ckpt),
+                               str(prefs), str(out)], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "No backend type associated" not in done.stderr
+    assert (out / "pretrain.done").read_text() == "6" and (out / "resume.done").read_text() == "9"
+    assert (out / "dpo.done").read_text() == "2"
