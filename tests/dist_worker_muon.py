@@ -20,9 +20,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from kfoundry.config import preset
 from kfoundry.model.llama import Transformer
-from kfoundry.train.dist_checkpoint import DCP_DIR, load_distributed
-from kfoundry.train.distributed import DistInfo, clip_grad_norm, init_distributed, parallelize, shutdown
-from kfoundry.train.loop import forward_backward
+from kfoundry.checkpoint.dcp import DCP_DIR, load_sharded
+from kfoundry.train.distributed import DistInfo, init_distributed, parallelize, shutdown
+from kfoundry.train.loop import lm_loss
+from kfoundry.train.trainer import Stage, accumulate_gradients, normalize_gradients, step_sum_names
 from kfoundry.train.optim import apply_lr, build_optimizer
 
 STEPS = 8
@@ -40,11 +41,12 @@ def train(model, optimizer, data, info: DistInfo, tc, start: int, stop: int) -> 
         apply_lr(optimizer, step, tc)
         x, y = data[step]
         mine = [(x[info.rank::info.world_size], y[info.rank::info.world_size])]
-        loss, _ = forward_backward(model, model, mine, info, torch.device("cpu"))
-        clip_grad_norm(model, tc.grad_clip)
+        stage = Stage("pretrain", lm_loss, None, None)  # the engine's own step: sums, reduce, scale and clip
+        sums = accumulate_gradients(stage, model, model, mine, 1, torch.device("cpu"))
+        values, _, _ = normalize_gradients(model, sums, step_sum_names(stage), info, tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss)
+        losses.append(values["loss"] / values["count"])
     return losses
 
 
@@ -76,7 +78,7 @@ def main(out: str, ckpt_dir: str) -> None:
     del first, opt
     second = parallelize(Transformer.build(cfg.model, seed=1), info, mode="fsdp")  # other weights: load must fix them
     opt = build_optimizer(second, tc, "cpu")
-    load_distributed(ckpt_dir, second, opt)
+    load_sharded(ckpt_dir, second, opt)
     resumed_losses += train(second, opt, data, info, tc, half, STEPS)
 
     ref, w_sharded, w_resumed = full_weights(single), full_weights(sharded), full_weights(second)
