@@ -27,7 +27,7 @@ STAGE_MODULES = [
     "kfoundry.export.cli",
     "kfoundry.eval.cli",
     "kfoundry.post.distill_cli",
-    "kfoundry.serve.cli",
+    "kfoundry.serve_cli",
     "kfoundry.provenance.cli",
     "kfoundry.doctor",
 ]

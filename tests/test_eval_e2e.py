@@ -160,19 +160,17 @@ def test_eval_errors_are_one_line(run, tmp_path, capsys):
 
 
 def test_speedrun_eval_stage(run, tmp_path):
-    """The speedrun's eval stage: bits per byte and KoBEST at a small limit, as report fields and a report."""
+    """The speedrun's eval stage (kfoundry/speedrun/eval.py): bits per byte and KoBEST at a small limit, as report fields and a report."""
     from kfoundry.checkpoint import load_model, load_tokenizer
-    from kfoundry.eval.report import append_eval_section
-    from kfoundry.eval.runner import speedrun_eval
+    from kfoundry.speedrun import eval as eval_stage
 
     ckpt = run["ckpt"]
-    fields = speedrun_eval(ckpt, tmp_path, limit=2, bpb_limit=5, model=load_model(ckpt),
-                           tokenizer=load_tokenizer(ckpt))
+    section = eval_stage.run(ckpt, tmp_path, limit=2, bpb_limit=5, model=load_model(ckpt),
+                             tokenizer=load_tokenizer(ckpt))
+    fields = section.fields
     assert fields["eval_bpb_ko"] > 0 and fields["eval_bpb_en"] > 0
     assert 0 <= fields["eval_kobest_acc"] <= 1 and fields["eval_kobest_f1"] is not None
     assert (tmp_path / "eval" / "eval.md").is_file() and fields["eval_report"].endswith("eval.md")
-    md = tmp_path / "report.md"
-    md.write_text("# run\n", encoding="utf-8")
-    append_eval_section(md, fields)
-    text = md.read_text(encoding="utf-8")
-    assert "## Evaluation" in text and "| eval_kobest_acc |" in text and "eval.md" in text
+    text = section.markdown
+    assert text.startswith("\n## Evaluation") and "| eval_kobest_acc |" in text and "eval.md" in text
+    assert f"| eval_kobest_acc | {100 * fields['eval_kobest_acc']:.1f}% |" in text

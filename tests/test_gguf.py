@@ -331,21 +331,21 @@ def test_chat_template_through_create_chat_completion(llama_cpp, ggufs, trained)
 
 
 def test_speedrun_stage(llama_cpp, trained, tmp_path):
-    from kfoundry.export.gguf import append_gguf_section, speedrun_gguf
+    """The speedrun's edge stage (kfoundry/speedrun/gguf.py): the file, a llama.cpp sample, its report section."""
+    from kfoundry.speedrun import gguf as gguf_stage
 
     ckpt, _ = trained
-    (tmp_path / "report.md").write_text("# report\n", encoding="utf-8")
-    edge = speedrun_gguf(ckpt, tmp_path, "대한민국은", seed=0, max_tokens=12)
-    g = edge["gguf"]
+    edge = gguf_stage.run(ckpt, tmp_path, "대한민국은", seed=0, max_tokens=12)
+    g = edge.fields["gguf"]
     assert g["type"] == "q8_0" and Path(g["path"]).stat().st_size == g["size_bytes"]
     assert isinstance(g["llama_cpp_sample"], str) and g["llama_cpp_tokens_per_sec"] > 0
-    append_gguf_section(tmp_path / "report.md", edge)
-    md = (tmp_path / "report.md").read_text(encoding="utf-8")
-    assert md.startswith("# report") and "## Edge export" in md and "대한민국은" + g["llama_cpp_sample"] in md
+    md = edge.markdown
+    assert md.startswith("\n## Edge export") and "대한민국은" + g["llama_cpp_sample"] in md
+    assert f"({g['size_bytes'] / 1e6:.2f} MB)" in md and md == gguf_stage.markdown(edge.fields)
 
     # A model whose rows Q8_0 cannot hold falls back to F16.
     tok = load_tokenizer(ckpt)
     cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=96,
                       max_seq_len=32)
     small = save_checkpoint(tmp_path / "small", Transformer.build(cfg, seed=0), tok)
-    assert speedrun_gguf(small, tmp_path / "run2", "The", max_tokens=4)["gguf"]["type"] == "f16"
+    assert gguf_stage.run(small, tmp_path / "run2", "The", max_tokens=4).fields["gguf"]["type"] == "f16"

@@ -1,4 +1,4 @@
-"""The speedrun's SFT stage: fine-tunes on the starter chat set and reports answers before and after."""
+"""The speedrun's SFT stage (kfoundry/speedrun/sft.py): fine-tunes on the starter chat set and reports answers before and after."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 from kfoundry.checkpoint import save_checkpoint
 from kfoundry.config import resolve
 from kfoundry.model.llama import Transformer
-from kfoundry.post.stage import CHAT_PROMPTS, append_chat_section, speedrun_sft
+from kfoundry.speedrun import sft as sft_stage
+from kfoundry.speedrun.sft import CHAT_PROMPTS
 from kfoundry.tokenizer import KTokenizer
 
 
@@ -18,7 +19,8 @@ def test_sft_stage_reports_before_and_after(micro_data, tmp_path):
     cfg = resolve("test-micro")
     tok = KTokenizer.load(micro_data[0])  # conftest's shared test-micro tokenizer
     base = save_checkpoint(tmp_path / "ckpt" / "step-000000", Transformer.build(cfg.model, seed=0), tok)
-    fields = speedrun_sft(base, tmp_path, cfg, progress=False)
+    section = sft_stage.run(base, tmp_path, cfg, progress=False)
+    fields = section.fields
 
     sft = fields["sft"]
     assert sft["step"] > 0 and sft["final_loss"] < sft["first_loss"]
@@ -30,10 +32,7 @@ def test_sft_stage_reports_before_and_after(micro_data, tmp_path):
     assert {s["lang"] for s in samples} == {"ko", "en"}
     assert all(isinstance(s["before"], str) and isinstance(s["after"], str) for s in samples)
 
-    md = tmp_path / "report.md"
-    md.write_text("# report\n", encoding="utf-8")
-    append_chat_section(md, fields)
-    text = md.read_text(encoding="utf-8")
-    assert text.startswith("# report\n") and "## Chat before and after SFT" in text
+    text = section.markdown
+    assert text.startswith("\n## Chat before and after SFT")
     assert text.count("\nbefore SFT") == 3 and text.count("\nafter SFT") == 3 and CHAT_PROMPTS[0][1] in text
     assert f"kfoundry chat --model {sft['checkpoint']}" in text

@@ -382,17 +382,16 @@ def test_export_writes_a_bilingual_model_card_and_is_recorded(run, tmp_path):
 
 
 def test_speedrun_section_shows_lineage_and_links_the_card(run, tmp_path):
-    from kfoundry.provenance.report import append_provenance_section, speedrun_provenance
+    """The speedrun's provenance stage (kfoundry/speedrun/provenance.py): fields and its report section."""
+    from kfoundry.speedrun import provenance as provenance_stage
 
     run = copy_run(run, tmp_path)
-    fields = speedrun_provenance(final_ckpt(run), run)["provenance"]
+    section = provenance_stage.run(final_ckpt(run), run)
+    fields = section.fields["provenance"]
     assert fields["ok"] and fields["origin"] == "init"
     assert Path(fields["model_card"]) == run / "export" / "hf" / "README.md"
-    md = run / "report.md"
-    md.write_text("# report\n", encoding="utf-8")
-    append_provenance_section(md, {"provenance": fields, "paths": {"run_dir": str(run)}})
-    text = md.read_text(encoding="utf-8")
-    assert "## Provenance" in text and "[export/hf/README.md](export/hf/README.md)" in text
+    text = section.markdown
+    assert text.startswith("\n## Provenance") and "[export/hf/README.md](export/hf/README.md)" in text
     assert "random initialisation (seed 1337" in text and "step-000008" in text
 
 

@@ -396,7 +396,7 @@ def test_api_key_sources(tmp_path, monkeypatch):
     """--api-key-file, then --api-key, then $KFOUNDRY_API_KEY; an empty or missing file is a one-line error."""
     import argparse
 
-    from kfoundry.serve.cli import api_key
+    from kfoundry.serve_cli import api_key
 
     f = tmp_path / "key"
     f.write_text("  from-file  \nsecond line ignored\n")

@@ -399,7 +399,7 @@ def test_host_header_is_checked_on_loopback(guarded):
 
 
 def test_host_policy_follows_the_bind_address():
-    from kfoundry.serve.cli import allowed_hosts
+    from kfoundry.serve_cli import allowed_hosts
     from kfoundry.serve.hosts import host_name, is_loopback
 
     assert allowed_hosts("127.0.0.1", []) == ("localhost", "127.0.0.1", "::1")

@@ -185,6 +185,13 @@ def test_speedrun_end_to_end(tmp_path):
     assert langs == {"ko", "en"} and all(isinstance(s["completion"], str) for s in report["samples"])
     md = (out / "report.md").read_text()
     assert "loss.png" in md and "val_bpb" in md and "report.md" in proc.stdout
+    # one report, written once at the end by kfoundry/speedrun/report.py: the frame, then each later stage's section
+    heads = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+    assert heads == ["Result", "Stages", "Loss curve", "Samples", "Where everything is", "Config",
+                     "Edge export (GGUF for llama.cpp)", "Chat before and after SFT", "Evaluation", "Provenance"]
+    assert list(report["stage_seconds"]) == ["data_prepare", "tokenizer", "shards", "pretrain", "samples", "eval",
+                                             "sft", "gguf", "provenance"]
+    assert {"gguf", "sft", "chat_samples", "eval_report", "provenance"} <= set(report)
     # the checkpoint it points at is enough to generate on its own
     gen = subprocess.run([sys.executable, "-m", "kfoundry", "generate", "--model", report["paths"]["checkpoint"],
                           "--prompt", "대한민국은", "--max-new-tokens", "8", "--seed", "0"],

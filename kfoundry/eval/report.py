@@ -289,20 +289,3 @@ def write_report(out: str | Path, payload: dict[str, Any]) -> dict[str, Path]:
     atomic_write_text(paths["md"], render_markdown(payload, png.name if png else None))
     atomic_write_text(paths["html"], render_html(payload, png.name if png else None))
     return paths
-
-
-def append_eval_section(report_md: str | Path, report: dict[str, Any]) -> None:
-    """Add the speedrun's evaluation (the eval_* fields of report.json) to the run's report.md."""
-    lines = ["", "## Evaluation", "", "| metric | value |", "|---|---|"]
-    for key in sorted(k for k in report if k.startswith("eval_") and k not in ("eval_report", "eval_note")):
-        value = report[key]
-        shown = "n/a" if value is None else (f"{100 * value:.1f}%" if "kobest" in key else f"{value:.4f}")
-        lines.append(f"| {key} | {shown} |")
-    if report.get("eval_note"):
-        lines += ["", report["eval_note"]]
-    if report.get("eval_report"):
-        lines += ["", f"Full evaluation report (per task, standard errors, frontier gap, contamination): "
-                      f"`{report['eval_report']}`. KoBEST here is a quick check on 20 dev documents per task; "
-                      f"run `kfoundry eval` for the whole dev set."]
-    path = Path(report_md)
-    atomic_write_text(path, path.read_text(encoding="utf-8") + "\n".join(lines) + "\n")

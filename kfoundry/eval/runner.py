@@ -1,4 +1,4 @@
-"""`run_eval`: one evaluation, end to end, for `kfoundry eval` and the speedrun.
+"""`run_eval`: one evaluation, end to end, for `kfoundry eval` (and the speedrun's eval stage).
 
     model dir ──> backend (kfoundry checkpoint: our adapter; Hugging Face dir: lm-eval's `hf` model)
               ──> tasks (lm-eval names; the offline KoBEST pack when --task-dir is given)
@@ -221,33 +221,3 @@ def run_eval(spec: EvalSpec, *, lm=None, log=lambda m: print(m, file=sys.stderr)
     payload["files"] = {k: str(v) for k, v in report.write_report(spec.out, payload).items()}
     record_evaluation(spec.model, payload)  # into the checkpoint's ledger, when its run keeps one
     return payload
-
-
-def speedrun_eval(ckpt: str | Path, run_dir: str | Path, *, limit: int = 20, bpb_limit: int = 100, model=None,
-                  tokenizer=None, log=lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
-    """The speedrun's eval stage: bits per byte and the offline KoBEST pack at a small limit.
-
-    Returns the fields the run report shows (eval_bpb_<lang>, eval_kobest_acc, eval_report); tasks are skipped,
-    with a note, when the KoBEST files are not there.
-    """
-    from kfoundry.eval import kobest
-
-    task_dir = kobest.default_dir()
-    have_kobest = all((task_dir / s / "dev.tsv").is_file() for s in kobest.SUBSETS)
-    spec = EvalSpec(model=str(ckpt), tasks=["kobest"] if have_kobest else [], out=str(Path(run_dir) / "eval" / "eval"),
-                    limit=limit, task_dir=str(task_dir) if have_kobest else None, bpb_limit=bpb_limit)
-    lm = None
-    if model is not None and tokenizer is not None:
-        from kfoundry.eval.lm import KFoundryLM
-
-        lm = KFoundryLM(model=model, tokenizer=tokenizer)
-    payload = run_eval(spec, lm=lm, log=log)
-    fields: dict[str, Any] = {f"eval_bpb_{lang}": b.get("bpb") for lang, b in payload["bpb"].items()}
-    for row in payload["tasks"]:
-        if row["task"] == "kobest":
-            fields["eval_kobest_acc"] = row["score"]
-            fields["eval_kobest_f1"] = row["other_metrics"].get("f1")
-    if not have_kobest:
-        fields["eval_note"] = f"KoBEST files not found under {task_dir}; only bits per byte was measured"
-    fields["eval_report"] = payload["files"]["md"]
-    return fields

@@ -31,8 +31,6 @@ has no `output.weight`, so the tied matrix is stored once, as in our checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +38,8 @@ import numpy as np
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import ModelConfig
-from kfoundry.fileio import atomic_file, atomic_write_text
+from kfoundry.fileio import atomic_file
 from kfoundry.provenance.record import record_export
-from kfoundry.text import nfc
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "llama"
@@ -240,69 +237,3 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
     record_export(ckpt, out, fmt=f"gguf-{out_type}")  # the run's ledger: this file's sha256, tied to the weights
     return GGUFExport(path=out, out_type=out_type, size_bytes=out.stat().st_size, tensor_types=tensor_types,
                       n_vocab=cfg.vocab_size)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The speedrun's edge stage
-
-
-def speedrun_gguf(ckpt: str | Path, run_dir: str | Path, prompt: str, *, seed: int = 0,
-                  max_tokens: int = 48) -> dict:
-    """Export `ckpt` to RUN/export/model-<type>.gguf (Q8_0 when the shapes allow it, else F16) and, when
-    llama-cpp-python is installed, sample a continuation of `prompt` with llama.cpp. Returns {"gguf": {...}}."""
-    errors = []
-    for out_type in ("q8_0", "f16"):
-        try:
-            res = export_gguf(ckpt, Path(run_dir) / "export" / f"model-{out_type}.gguf", out_type=out_type,
-                              overwrite=True)
-            break
-        except ValueError as e:
-            errors.append(f"{out_type}: {e}")
-    else:
-        return {"gguf": {"skipped": "; ".join(errors)}}
-    info: dict = {"path": str(res.path), "type": res.out_type, "size_bytes": res.size_bytes, "prompt": prompt}
-    try:
-        import llama_cpp
-    except ImportError:
-        info["llama_cpp"] = "not installed (pip install llama-cpp-python) -- no llama.cpp sample"
-        return {"gguf": info}
-    cfg = load_config(ckpt)
-    llm = llama_cpp.Llama(model_path=str(res.path), n_ctx=cfg.max_seq_len, n_threads=os.cpu_count(), seed=seed,
-                          verbose=False)
-    ids = llm.tokenize(nfc(prompt).encode("utf-8"), add_bos=True, special=False)
-    stop = {int(llm.metadata[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")}
-    out: list[int] = []
-    t0 = time.perf_counter()
-    # llama.cpp's own sampler (top-k, top-p, temperature). We drive the token loop ourselves rather than call
-    # create_completion, which keeps going past max_tokens while the text ends mid-character -- forever, for a
-    # barely trained model that repeats a UTF-8 lead byte.
-    budget = min(max_tokens, cfg.max_seq_len - len(ids))
-    for t in llm.generate(ids, top_k=50, top_p=0.95, temp=0.8, repeat_penalty=1.0) if budget > 0 else ():
-        if t in stop:
-            break
-        out.append(int(t))
-        if len(out) >= budget:
-            break
-    seconds = time.perf_counter() - t0
-    info["llama_cpp_sample"] = llm.detokenize(out).decode("utf-8", errors="replace")
-    llm.close()
-    info["llama_cpp_tokens_per_sec"] = len(out) / max(seconds, 1e-9)
-    info["llama_cpp_version"] = llama_cpp.__version__
-    return {"gguf": info}
-
-
-def append_gguf_section(report_md: str | Path, report: dict) -> None:
-    """Add the edge export (file, size, llama.cpp sample) to a run's report.md."""
-    g = report.get("gguf") or {}
-    lines = ["", "## Edge export (GGUF for llama.cpp)", ""]
-    if "skipped" in g:
-        lines.append(f"Skipped: {g['skipped']}")
-    else:
-        lines += [f"- file: `{g['path']}` ({g['type']}, {g['size_bytes'] / 1e6:.2f} MB)"]
-        if "llama_cpp_sample" in g:
-            lines += [f"- llama.cpp {g['llama_cpp_version']}: {g['llama_cpp_tokens_per_sec']:.0f} tokens/s (prompt, "
-                      "sampling and decoding together)", "", "```text", g["prompt"] + g["llama_cpp_sample"], "```"]
-        else:
-            lines.append(f"- llama.cpp: {g.get('llama_cpp')}")
-    path = Path(report_md)
-    atomic_write_text(path, path.read_text(encoding="utf-8") + "\n".join(lines) + "\n")

@@ -4,7 +4,8 @@ At batch 1 a decode step is a chain of matrix-vector products over weights that 
 dozen tiny vector operations. Two costs dominate on a CPU, and neither is arithmetic:
 
 1. `F.linear` on a single row runs as a matrix-*matrix* product with one row (sgemm, M = 1). The BLAS
-   matrix-*vector* kernel (sgemv, `torch.mv`) does the same work two to three times faster on the same weights.
+   matrix-*vector* kernel (sgemv, `torch.mv`) does the same work faster on the same weights (the decoding figures
+   are in docs/benchmarks.md, from bench/decode_speed.py).
 2. Every PyTorch operator costs a few microseconds of dispatch however small its tensor. The general forward
    (llama.py) spends about 25 of them per layer on shapes it needs for batches and training: [B, T] views,
    position tensors, cos/sin recomputed each step, separate q/k/v and gate/up products, RMSNorm as several ops.

@@ -13,10 +13,10 @@ text. Loss per target position:
   factor, which keeps the two terms on the same scale whatever T is (Hinton et al., section 2).
 - alpha = 0 is ordinary pretraining with the same code, data order, seed and steps: the no-teacher baseline
   the tests and `--alpha 0` compare against.
-- Defaults alpha = 0.9, T = 1, from a measurement (docs/benchmarks.md, "Distillation into nano"): a nano student
-  of a cpu-tiny teacher after 200 steps reached 1.809 bits per byte with them, 1.869 with alpha 0.5, T 1, and
-  1.959 with alpha 0.5, T 2 -- worse than the 1.933 of no teacher at all. A small, young teacher's low
-  probabilities are mostly noise, not dark knowledge; softening them further (T > 1) teaches the noise.
+- Defaults alpha = 0.9, T = 1, from a measurement (docs/benchmarks.md, "Distillation into nano", with its
+  command): a nano student of a cpu-tiny teacher did best with them, worse with alpha 0.5, and worse than no
+  teacher at all with T = 2. A small, young teacher's low probabilities are mostly noise, not dark knowledge;
+  softening them further (T > 1) teaches the noise.
 
 Teacher and student must share the tokenizer: the KL compares distributions over the same vocabulary. The
 student's `vocab_size` is therefore set to the teacher's. The teacher only runs forward passes, in eval mode

@@ -9,7 +9,6 @@
                              aligned circuits) and the token matching by text
     fingerprint_disguise.py  those reparametrizations themselves, to check the claim on any model
     card.py     the model card (README.md, English and Korean) that `export hf` writes
-    report.py   the speedrun's provenance section
 
 Guide: docs/provenance.md (English), docs/provenance.ko.md (Korean).
 """

@@ -45,7 +45,7 @@ def default_chat_template() -> str:
 
 @functools.lru_cache(maxsize=8)
 def compiled_template(template: str):
-    """A chat template compiled once (compiling costs ~50x a render; data sets render 10k+ conversations), in a
+    """A chat template compiled once (compiling costs far more than a render; data sets render 10k+ conversations), in a
     sandboxed Jinja environment with the options `transformers` uses."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 

@@ -9,7 +9,7 @@ FineWeb (English) ran with. The numbers live in the recipe YAML files, each with
 
 Order and speed. FineWeb-2 ran repetition -> FineWeb quality -> Gopher quality. A chain of filters keeps
 exactly the documents that pass all of them, whatever the order, so we order them by cost: Kiwi is the
-expensive part (about 30,000 characters per CPU second here), and checks that need no words run first:
+expensive part (its rate: docs/benchmarks.md, bench/kiwi_models.py), and checks that need no words run first:
 
 1. `fineweb_quality` first. Its checks on line punctuation and duplicated lines need no words; the one that
    does (newlines per word) is 0 for a one-line document whatever the words are, so

@@ -7,9 +7,9 @@ We give each block one of these:
 - `KoreanWords`: Kiwi morphemes, as FineWeb-2 does for `kor_Hang` (datatrove's `KiwiTokenizer`). FineWeb-2's
   Korean thresholds (average word length 1-6, stop words such as 의/는/에서) were measured on Kiwi
   morphemes, so an eojeol (space) split would be the wrong ruler for them. Two changes from datatrove's
-  class: the Kiwi model is `knlm` by default (datatrove uses `sbg`; on this machine `knlm` analyses about
-  3.4x more characters per CPU second, and both models segment ordinary prose almost identically; a recipe
-  can ask for `sbg` with `quality.kiwi_model`), and the loaded model is cached per process, so the
+  class: the Kiwi model is `knlm` by default (datatrove uses `sbg`; `knlm` analyses several times more characters
+  per CPU second -- docs/benchmarks.md, bench/kiwi_models.py -- and both segment ordinary prose almost identically;
+  a recipe can ask for `sbg` with `quality.kiwi_model`), and the loaded model is cached per process, so the
   many copies of a pipeline a local executor makes do not each spend seconds loading it again.
 - `LatinWords`: a regular-expression tokenizer for English. datatrove assigns spaCy's blank English
   tokenizer, which would add spaCy as a dependency for a rule that is, in effect, "runs of letters and

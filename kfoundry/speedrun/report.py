@@ -1,7 +1,7 @@
-"""The run report: `report.md` for people, `report.json` for machines, `loss.png` for the curve.
+"""The run report, written once at the end: `report.json` for machines, `report.md` for people, `loss.png`.
 
-Everything in it is read from what the run wrote (metrics.jsonl, the summary, the checkpoint paths), so the
-report can be regenerated from a run directory at any time.
+report.md is the run's frame (result, stage times, loss curve, where everything is, config) with each stage's own
+section in it: the samples before the artefact table, the later stages' sections after the config.
 """
 
 from __future__ import annotations
@@ -11,17 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.fileio import atomic_write_json, atomic_write_text
+from kfoundry.train.metrics import read_records
 
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+RESULT_KEYS = ("val_bpb", "val_bpb_ko", "val_bpb_en", "val_loss", "first_loss", "final_loss", "steps",
+               "tokens_seen", "params", "tokens_per_sec", "mfu")
 
 
 def plot_loss(metrics: list[dict[str, Any]], out_png: Path) -> Path | None:
-    import matplotlib
+    """Training (and validation) loss against step; None when the run logged no training loss."""
+    import matplotlib  # heavy: only when a report is written
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -52,17 +50,12 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def write_report(run_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    """Write report.json (exactly `report`, plus the plot path) and a readable report.md."""
-    run_dir = Path(run_dir)
-    png = plot_loss(read_metrics(run_dir), run_dir / "loss.png")
-    report = {**report, "paths": {**report.get("paths", {}), "loss_plot": str(png) if png else None}}
-    atomic_write_json(run_dir / "report.json", report)
-
+def render_markdown(run_dir: Path, report: dict[str, Any], png: Path | None, *, samples: str = "",
+                    sections: tuple[str, ...] = ()) -> str:
+    """report.md's text: the frame built from REPORT, SAMPLES inside it, SECTIONS appended in order."""
     lines = [f"# kfoundry run report: {run_dir.name}", ""]
     lines += ["## Result", "", "| metric | value |", "|---|---|"]
-    for key in ("val_bpb", "val_bpb_ko", "val_bpb_en", "val_loss", "first_loss", "final_loss", "steps",
-                "tokens_seen", "params", "tokens_per_sec", "mfu"):
+    for key in RESULT_KEYS:
         if key in report:
             v = report[key]
             shown = f"{v * 100:.1f}%" if key == "mfu" and isinstance(v, float) else _fmt(v)
@@ -75,16 +68,24 @@ def write_report(run_dir: str | Path, report: dict[str, Any]) -> tuple[Path, Pat
     lines.append(f"| **total** | {sum(report.get('stage_seconds', {}).values()):.1f} |")
     if png:
         lines += ["", "## Loss curve", "", f"![loss curve]({png.name})"]
-    if report.get("samples"):
-        lines += ["", "## Samples", ""]
-        for s in report["samples"]:
-            lines += [f"**{s['lang']}** prompt: `{s['prompt']}`", "", "```text", s["prompt"] + s["completion"], "```", ""]
+    if samples:
+        lines.append(samples)
     lines += ["", "## Where everything is", "", "| artefact | path |", "|---|---|"]
     for name, path in report.get("paths", {}).items():
         if path:
             lines.append(f"| {name} | `{path}` |")
     if report.get("config"):
         lines += ["", "## Config", "", "```json", json.dumps(report["config"], indent=2, ensure_ascii=False), "```"]
-    md = run_dir / "report.md"
-    atomic_write_text(md, "\n".join(lines) + "\n")
-    return md, run_dir / "report.json"
+    return "\n".join(lines) + "\n" + "".join(sections)
+
+
+def write_report(run_dir: str | Path, report: dict[str, Any], *, samples: str = "",
+                 sections: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Plot the loss, write report.json (REPORT plus the plot's path) and report.md, once; return what was written."""
+    run_dir = Path(run_dir)
+    png = plot_loss(read_records(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+    report = {**report, "paths": {**report.get("paths", {}), "loss_plot": str(png) if png else None}}
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", render_markdown(run_dir, report, png, samples=samples,
+                                                             sections=sections))
+    return report

@@ -1,13 +1,13 @@
-"""The speedrun's SFT stage: fine-tune the freshly pretrained model on the starter chat set, and show the difference.
+"""Stage 7, SFT: fine-tune the freshly pretrained model on the starter chat set, and show the difference.
 
-    pretrained ckpt --(chat samples: before)--> sft on `starter` (OUT/sft/) --(chat samples: after)--> report
+    pretrained ckpt --(chat answers: before)--> sft on `starter` (RUN/sft/) --(chat answers: after)--> report
 
 The same questions are asked before and after, rendered with the chat template and decoded greedily, so the only
 difference between the two answers is the fine-tuning. Before SFT a base model has never seen the chat format: it
 rambles on past the end of the turn. After SFT it answers in the format and stops at its end-of-turn token.
 
 Budget: three passes over the starter set (~430 conversations, ~29k tokens), capped at `SFT_MINUTES` of training,
-so on the cpu-tiny preset the stage stays around a minute on two CPU cores.
+so the stage stays short on a laptop whatever the preset.
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.config import RunConfig, from_dict
+from kfoundry.model.generate import SamplingParams, generate
+from kfoundry.post.chat_format import prompt_ids
+from kfoundry.post.sft import SFT_DEFAULTS, sft
+from kfoundry.speedrun.stage import Section
 
 CHAT_PROMPTS = [
     ("ko", "대한민국 헌법 제1조는 무엇을 정하고 있나요?"),
@@ -29,10 +34,6 @@ SFT_MINUTES = 0.75
 
 def chat_answers(ckpt: str | Path, prompts: list[str], max_new_tokens: int = 48) -> list[dict[str, Any]]:
     """Greedy single-turn answers: the text, and whether the model ended its turn by itself."""
-    from kfoundry.checkpoint import load_model, load_tokenizer
-    from kfoundry.model.generate import SamplingParams, generate
-    from kfoundry.post.chat_format import prompt_ids
-
     model, tok = load_model(ckpt), load_tokenizer(ckpt)
     out = []
     for p in prompts:
@@ -48,10 +49,8 @@ def chat_answers(ckpt: str | Path, prompts: list[str], max_new_tokens: int = 48)
     return out
 
 
-def speedrun_sft(pretrained: str | Path, run_dir: Path, cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
-    """Run SFT into RUN/sft and return the report fields: `sft` (losses, steps, checkpoint) and `chat_samples`."""
-    from kfoundry.post.sft import SFT_DEFAULTS, sft
-
+def run(pretrained: str | Path, run_dir: Path, cfg: RunConfig, progress: bool = True) -> Section:
+    """SFT into RUN/sft. Fields: `sft` (losses, steps, checkpoint, data) and `chat_samples` (before/after)."""
     prompts = [p for _, p in CHAT_PROMPTS]
     before = chat_answers(pretrained, prompts)
     tc = copy.deepcopy(cfg.train)  # the run's batch shape, device and seed; fine-tuning settings on top
@@ -64,37 +63,29 @@ def speedrun_sft(pretrained: str | Path, run_dir: Path, cfg: RunConfig, progress
                for (lang, p), b, a in zip(CHAT_PROMPTS, before, after)]
     fields = {k: summary.get(k) for k in ("step", "first_loss", "final_loss", "val_loss", "checkpoint",
                                           "train_seconds")}
-    return {"sft": {**fields, "data": summary["data"]}, "chat_samples": samples}
+    report = {"sft": {**fields, "data": summary["data"]}, "chat_samples": samples}
+    return Section(report, markdown(report))
 
 
-def chat_samples_markdown(report: dict[str, Any]) -> str:
-    """The report.md section: SFT numbers and each question's answer before and after."""
-    sft = report.get("sft") or {}
+def markdown(report: dict[str, Any]) -> str:
+    """The "Chat before and after SFT" section: SFT numbers and each question's answer before and after."""
+    sft_fields = report.get("sft") or {}
     samples = report.get("chat_samples") or []
-    if not sft and not samples:
+    if not sft_fields and not samples:
         return ""
 
     def num(v):
         return f"{v:.4f}" if isinstance(v, float) else "n/a"
 
     lines = ["", "## Chat before and after SFT", "",
-             f"Fine-tuned on the starter chat set for {sft.get('step')} steps: training loss on assistant tokens "
-             f"{num(sft.get('first_loss'))} -> {num(sft.get('final_loss'))}, validation loss "
-             f"{num(sft.get('val_loss'))}. Checkpoint: `{sft.get('checkpoint')}`.", ""]
+             f"Fine-tuned on the starter chat set for {sft_fields.get('step')} steps: training loss on assistant "
+             f"tokens {num(sft_fields.get('first_loss'))} -> {num(sft_fields.get('final_loss'))}, validation loss "
+             f"{num(sft_fields.get('val_loss'))}. Checkpoint: `{sft_fields.get('checkpoint')}`.", ""]
     for s in samples:
         lines += [f"**{s['lang']}** user: `{s['prompt']}`", "",
                   f"before SFT{'' if s['before_ended_turn'] else ' (did not end its turn)'}:", "", "```text",
                   s["before"], "```",
                   f"after SFT{'' if s['after_ended_turn'] else ' (did not end its turn)'}:", "", "```text",
                   s["after"], "```", ""]
-    lines += [f"Try it: `kfoundry chat --model {sft.get('checkpoint')}`", ""]
+    lines += [f"Try it: `kfoundry chat --model {sft_fields.get('checkpoint')}`", ""]
     return "\n".join(lines)
-
-
-def append_chat_section(report_md: Path, report: dict[str, Any]) -> None:
-    """Add the before/after section to an already written report.md (atomically)."""
-    from kfoundry.fileio import atomic_write_text
-
-    section = chat_samples_markdown(report)
-    if section:
-        atomic_write_text(report_md, report_md.read_text(encoding="utf-8") + section)

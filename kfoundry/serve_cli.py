@@ -1,4 +1,9 @@
-"""`kfoundry serve --model CKPT`: the OpenAI-compatible API and the web chat page on uvicorn."""
+"""`kfoundry serve --model CKPT`: the OpenAI-compatible API and the web chat page on uvicorn.
+
+This command sits above the packages it composes, not inside `serve/`: with `--engine llama.cpp` and no `--gguf`
+it first exports the checkpoint with `export/` and then serves the file with `serve/`, and those two consumers of a
+checkpoint do not import each other (tests/test_layering.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kfoundry.export.gguf import export_gguf
 from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
 
@@ -134,8 +140,6 @@ def _llama_cpp_app(path: Path, cfg, args, workdir: Path):
     binary = find_llama_server(args.llama_server)  # before a possibly long export: fail fast without a binary
     gguf = Path(args.gguf) if args.gguf else None
     if gguf is None:
-        from kfoundry.export.gguf import export_gguf  # the serve CLI composes export and serve
-
         gguf = export_gguf(path, workdir / f"model-{args.gguf_type}.gguf", out_type=args.gguf_type).path
     elif not gguf.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf}")
