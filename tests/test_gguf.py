@@ -341,7 +341,7 @@ def test_speedrun_stage(llama_cpp, trained, tmp_path):
     assert isinstance(g["llama_cpp_sample"], str) and g["llama_cpp_tokens_per_sec"] > 0
     md = edge.markdown
     assert md.startswith("\n## Edge export") and "대한민국은" + g["llama_cpp_sample"] in md
-    assert f"({g['size_bytes'] / 1e6:.2f} MB)" in md and md == gguf_stage.markdown(edge.fields)
+    assert f"({g['type']}, {g['size_bytes'] / 1e6:.2f} MB)" in md and md == gguf_stage.markdown(edge.fields)
 
     # A model whose rows Q8_0 cannot hold falls back to F16.
     tok = load_tokenizer(ckpt)

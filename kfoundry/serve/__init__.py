@@ -15,7 +15,9 @@
     app.py         the FastAPI app: routes, error handlers, the static page
     server.py      uvicorn with a header timeout and a connection cap; foreground or a background thread
     smoke.py       a random-weight checkpoint for exercising the serving path
-    cli.py         `kfoundry serve`
+
+`kfoundry serve` itself is kfoundry/serve_cli.py, one level up: with the llama.cpp engine it also exports a GGUF,
+and serve/ does not import export/.
 
 See docs/serve.md.
 """
