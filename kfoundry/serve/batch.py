@@ -167,9 +167,9 @@ class PreparedSlots:
         cfg = self.cfg = model.cfg
         self.model, self.max_len = model, max_len
         # SequenceDecoder's prepared weights (folded gains, stacked q/k/v and gate/up), each float matrix then
-        # stored transposed ([in, out], contiguous): for a few rows MKL's product reads a contiguous [in, out]
-        # matrix 1.2-1.4x faster than the [out, in] one of F.linear (measured at 1 and 8 rows, both shapes of
-        # bench/serve_engines.py). Our own copy, so the model keeps no second set when it is only served.
+        # stored transposed ([in, out], contiguous): for a few rows MKL multiplied by a contiguous [in, out]
+        # matrix 1.0-2.2x faster than by the [out, in] one F.linear takes (the 26M shape's products at 1 and 8
+        # rows; equal at 16; docs/benchmarks.md). Our own copy, so a served model holds no second prepared set.
         layers, self.order = SequenceDecoder._prepare(model)
         self.layers = [_RowsLayer(layer) for layer in layers]
         head = model.lm_head
