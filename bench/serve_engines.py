@@ -2,6 +2,7 @@
 
     python bench/serve_engines.py                        # random ~26M-parameter model, 1/8/16 clients
     python bench/serve_engines.py --shape cpu-tiny       # the cpu-tiny preset's shape
+    python bench/serve_engines.py --shape 25m,cpu-tiny   # both, one after the other, in one run
     python bench/serve_engines.py --model CKPT           # a checkpoint of yours
     python bench/serve_engines.py --decode-steps         # only the torch engine's decode step, before and after
 
@@ -16,8 +17,8 @@ All three start before any measurement and stay idle between turns; for each cli
 (torch, llama.cpp, direct), so the three figures of a row share the machine's load of that moment. Each
 client sends its next request when the previous one is answered. Both llama-servers get `--max-batch` slots;
 every server gets `--threads` threads. Reported: generated tokens/s (from each answer's `usage`), p50 latency,
-and the ratios torch / direct and llama.cpp / direct. Goals: llama.cpp engine >= 0.9x direct; torch engine
->= 0.5x direct at 8 clients on the ~25M-parameter model.
+and the ratios torch / direct and llama.cpp / direct, with the load average before and after (the machine may be
+shared). Goals: llama.cpp engine >= 0.9x direct; torch engine >= 0.5x direct at 8 clients on the ~25M model.
 
 The default model has random weights with a BPE tokenizer of 8,192 tokens trained on a slice of the shared
 data (so every id the model can produce decodes); speed does not depend on the weights. Nothing leaves the
@@ -164,7 +165,7 @@ async def drive(url: str, clients: int, n_requests: int, max_tokens: int) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="checkpoint (default: random weights of --shape)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="25m")
+    ap.add_argument("--shape", default="25m", help=f"one of {', '.join(SHAPES)}, or several joined by commas")
     ap.add_argument("--clients", default="1,8,16")
     ap.add_argument("--requests", type=int, default=48, help="requests per engine and client count")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -181,14 +182,25 @@ def main() -> int:
         print(f"threads {args.threads}; load average {os.getloadavg()[0]:.2f}")
         return 0
     levels = [int(c) for c in args.clients.split(",")]
+    shapes = [x for x in args.shape.split(",") if x]
+    unknown = [x for x in shapes if x not in SHAPES]
+    if unknown or (args.model and len(shapes) > 1):
+        ap.error(f"--shape: choose from {', '.join(SHAPES)} (one shape with --model); got {args.shape}")
+    results = {shape: run_shape(shape, levels, args) for shape in shapes}
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
 
+
+def run_shape(shape: str, levels: list[int], args) -> dict:
+    """Start the three servers on one model of `shape` (or --model), drive them in turns, print the table."""
+    from kfoundry.checkpoint import load_config, load_model
     from kfoundry.export.gguf import export_gguf
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.model or build_checkpoint(Path(tmp) / "ckpt", args.shape)
+        ckpt = args.model or build_checkpoint(Path(tmp) / "ckpt", shape)
         gguf = export_gguf(ckpt, Path(tmp) / "model-f32.gguf", out_type="f32").path
-        from kfoundry.checkpoint import load_config, load_model
-
         n_params = load_model(ckpt).num_params()
         ctx = load_config(ckpt).max_seq_len
         procs: list = []
@@ -218,10 +230,10 @@ def main() -> int:
                     p.wait(30)
 
     load = os.getloadavg()
-    print(f"model: {args.model or f'random weights, shape {args.shape}'} ({n_params / 1e6:.1f}M parameters); "
+    print(f"model: {args.model or f'random weights, shape {shape}'} ({n_params / 1e6:.1f}M parameters); "
           f"{args.requests} requests of {args.max_tokens} tokens per engine and level, greedy; torch batch = "
           f"llama.cpp slots = {args.max_batch}; {args.threads} threads per server; {os.cpu_count()} CPUs; "
-          f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+          f"load average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load[0]:.2f} / {load[1]:.2f}")
     print()
     print("| clients | torch tok/s (p50 s) | llama.cpp engine tok/s (p50 s) | llama-server direct tok/s (p50 s) | "
           "torch / direct | llama.cpp engine / direct |")
@@ -231,9 +243,8 @@ def main() -> int:
         cell = lambda x: f"{x['tokens_per_s']:,.0f} ({x['p50_s']})" + (f", {x['errors']} errors" if x["errors"] else "")
         print(f"| {r['clients']} | {cell(t)} | {cell(l)} | {cell(d)} | {t['tokens_per_s'] / d['tokens_per_s']:.2f}x | "
               f"{l['tokens_per_s'] / d['tokens_per_s']:.2f}x |")
-    if args.json:
-        args.json.write_text(json.dumps({"levels": rows, "params": n_params, "load": load}, indent=2))
-    return 0
+    print(flush=True)
+    return {"levels": rows, "params": n_params, "load_before": load_before, "load_after": load}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`kfoundry serve --model CKPT`: the OpenAI-compatible API and the web chat page on uvicorn.
 
-This command sits above the packages it composes, not inside `serve/`: with `--engine llama.cpp` and no `--gguf`
-it first exports the checkpoint with `export/` and then serves the file with `serve/`, and those two consumers of a
-checkpoint do not import each other (tests/test_layering.py).
+This command sits above the packages it composes, not inside `serve/`: with `--engine llama.cpp` (no `--gguf`) or
+`--engine vllm` (no `--hf-dir`) it first exports the checkpoint with `export/` and then serves the export with
+`serve/`, and those two consumers of a checkpoint do not import each other (tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from kfoundry.export.gguf import export_gguf
+from kfoundry.export.hf import export_hf
 from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
 
@@ -50,12 +51,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the model (torch.set_num_threads; default: torch's choice)")
     p.add_argument("--engine", choices=ENGINES, default="torch",
-                   help="what runs the model behind our API: torch (ours) or llama.cpp (its llama-server on a GGUF)")
+                   help="what runs the model behind our API: torch (ours), llama.cpp (its llama-server on a GGUF) "
+                        "or vllm (vLLM's OpenAI server on the Hugging Face export; GPU)")
     p.add_argument("--gguf", default=None, help="llama.cpp: serve this GGUF export of --model instead of exporting")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f32",
                    help="llama.cpp: storage type when exporting --model (default f32: the checkpoint's own weights)")
     p.add_argument("--llama-server", default=None,
                    help="llama.cpp: the llama-server binary (default: $KFOUNDRY_LLAMA_SERVER, beside python, PATH)")
+    p.add_argument("--vllm", default=None,
+                   help="vllm: the `vllm` executable (default: $KFOUNDRY_VLLM, the vllm package in this Python, PATH)")
+    p.add_argument("--hf-dir", default=None, help="vllm: serve this Hugging Face export of --model instead of exporting")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="vllm: GPUs one model is split over")
+    p.add_argument("--vllm-dtype", default=None,
+                   help="vllm: its --dtype (default: vLLM's auto, float16 for our float32 exports; float32 for parity)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_serve)
 
@@ -82,7 +90,7 @@ def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...] | None:
 
 
 def _serve(args) -> int:
-    from kfoundry.serve.app import ServeConfig, app_from_checkpoint
+    from kfoundry.serve.app import ServeConfig
     from kfoundry.serve.server import serve
 
     path = Path(args.model)
@@ -111,11 +119,11 @@ def _serve(args) -> int:
                       max_connections=args.max_connections, header_timeout=args.header_timeout,
                       body_timeout=args.body_timeout, shutdown_grace=args.shutdown_grace)
     workdir = tempfile.TemporaryDirectory(prefix="kfoundry-serve-")
-    if args.engine == "llama.cpp":
-        app, scheduler = _llama_cpp_app(path, cfg, args, Path(workdir.name))
-    else:
-        app, scheduler = app_from_checkpoint(path, cfg, device=args.device, max_batch=args.max_batch,
-                                             max_queue=args.max_queue, quantize=args.quantize)
+    app, scheduler = engine_app(path, cfg, Path(workdir.name), engine=args.engine, max_batch=args.max_batch,
+                                max_queue=args.max_queue, device=args.device, quantize=args.quantize,
+                                threads=args.threads, gguf=args.gguf, gguf_type=args.gguf_type,
+                                llama_server=args.llama_server, hf_dir=args.hf_dir, vllm=args.vllm,
+                                tensor_parallel=args.tensor_parallel, vllm_dtype=args.vllm_dtype)
     if cfg.api_key is None and not is_loopback(args.host):
         print(f"kfoundry serve: warning: listening on {args.host} without an API key", file=sys.stderr)
     print(f"kfoundry serve: {cfg.model_name} on {args.engine} (context {scheduler.max_len}, batch {args.max_batch}) on "
@@ -128,23 +136,43 @@ def _serve(args) -> int:
     return 0
 
 
-def _llama_cpp_app(path: Path, cfg, args, workdir: Path):
-    """Our front over llama-server: export the checkpoint to GGUF (unless --gguf names one) and start it."""
+def engine_app(path: Path, cfg, workdir: Path, *, engine: str = "torch", max_batch: int = 8, max_queue: int = 64,
+               device: str = "cpu", quantize: str | None = None, threads: int | None = None, gguf=None,
+               gguf_type: str = "f32", llama_server=None, hf_dir=None, vllm=None, tensor_parallel: int = 1,
+               vllm_dtype: str | None = None):
+    """The app over `engine` for checkpoint `path`, and the started engine (the caller stops it). llama.cpp
+    exports the checkpoint to GGUF in `workdir` unless `gguf` names an export; vLLM exports it to Hugging Face
+    unless `hf_dir` names one. A missing binary or package fails in one line before any export."""
     from kfoundry.checkpoint import load_config, load_tokenizer
-    from kfoundry.serve.app import create_app
-    from kfoundry.serve.engines.llama_cpp import LlamaCppEngine
-    from kfoundry.serve.engines.llama_server import find_llama_server
+    from kfoundry.serve.app import app_from_checkpoint, create_app
 
-    if args.quantize:
-        raise ValueError("--quantize is for the torch engine; with llama.cpp choose --gguf-type q8_0 or q4_0")
-    binary = find_llama_server(args.llama_server)  # before a possibly long export: fail fast without a binary
-    gguf = Path(args.gguf) if args.gguf else None
-    if gguf is None:
-        gguf = export_gguf(path, workdir / f"model-{args.gguf_type}.gguf", out_type=args.gguf_type).path
-    elif not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+    if engine == "torch":
+        return app_from_checkpoint(path, cfg, device=device, max_batch=max_batch, max_queue=max_queue,
+                                   quantize=quantize)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+    if quantize:
+        raise ValueError(f"--quantize is for the torch engine; {engine} has its own quantized formats")
     tokenizer, model_cfg = load_tokenizer(path), load_config(path)
-    engine = LlamaCppEngine(gguf, max_len=model_cfg.max_seq_len, max_batch=args.max_batch, max_queue=args.max_queue,
-                            threads=args.threads, binary=binary,
-                            banned_ids=range(tokenizer.vocab_size, model_cfg.vocab_size)).start()
-    return create_app(engine, tokenizer, cfg), engine
+    common = {"max_len": model_cfg.max_seq_len, "max_batch": max_batch, "max_queue": max_queue,
+              "banned_ids": range(tokenizer.vocab_size, model_cfg.vocab_size)}
+    if engine == "llama.cpp":
+        from kfoundry.serve.engines.llama_cpp import LlamaCppEngine
+        from kfoundry.serve.engines.llama_server import find_llama_server
+
+        binary = find_llama_server(llama_server)  # before a possibly long export: fail fast without a binary
+        if gguf is None:
+            gguf = export_gguf(path, workdir / f"model-{gguf_type}.gguf", out_type=gguf_type).path
+        elif not Path(gguf).is_file():
+            raise FileNotFoundError(f"GGUF file not found: {gguf}")
+        server = LlamaCppEngine(gguf, threads=threads, binary=binary, **common)
+    else:
+        from kfoundry.serve.engines.vllm import VllmEngine, find_vllm
+
+        find_vllm(vllm)  # before a possibly long export: fail fast, in one line, without vLLM
+        if hf_dir is None:
+            hf_dir = export_hf(path, workdir / "hf")
+        elif not (Path(hf_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"--hf-dir: not a Hugging Face export (no config.json): {hf_dir}")
+        server = VllmEngine(hf_dir, tensor_parallel=tensor_parallel, dtype=vllm_dtype, vllm=vllm, **common)
+    return create_app(server.start(), tokenizer, cfg), server

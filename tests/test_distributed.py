@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kfoundry.checkpoint import load_model
+from kfoundry.provenance import ledger
 from kfoundry.train.loop import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -84,6 +85,20 @@ def test_gradients_match_single_process(mode, stage, tmp_path):
     assert r["world_size"] == 2 and r["n"] == r["ref_n"]
     assert r["max_abs_grad_diff"] <= 1e-6
     assert abs(r["loss"] - r["ref_loss"]) <= 1e-5
+
+
+def init_entry(run_dir: Path) -> dict:
+    (entry,) = [e for e in ledger.read(run_dir) if e["kind"] == "init"]
+    return entry
+
+
+def test_sharded_init_draws_the_single_process_weights(references):
+    """Under FSDP the model is built on the meta device, sharded, and only then initialised (each rank allocates
+    its shard only), yet its starting weights are bit for bit those of one process with the same seed: the
+    ledger's hash of the initial weights is the same."""
+    single, two = init_entry(references["single"]), init_entry(references["two"])
+    assert single["init"] == "whole" and two["init"] == "sharded"
+    assert two["init_weights_sha256"] == single["init_weights_sha256"]
 
 
 def test_two_ranks_follow_single_process_loss_curve(references):

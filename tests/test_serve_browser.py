@@ -18,8 +18,9 @@ import tempfile
 
 import pytest
 
-from kfoundry.serve.app import ServeConfig, app_from_checkpoint
-from kfoundry.serve.server import BackgroundServer
+from engine_apps import ENGINES, serving
+
+from kfoundry.serve.app import ServeConfig
 from kfoundry.serve.smoke import random_checkpoint
 
 MODEL = "kf-browser"
@@ -92,13 +93,15 @@ def ckpt(tmp_path_factory):
     return random_checkpoint(tmp_path_factory.mktemp("browser") / "ckpt", max_seq_len=512)
 
 
-def test_chat_page_streams_a_korean_answer(ckpt, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_chat_page_streams_a_korean_answer(ckpt, tmp_path, engine):
+    """The same page, whatever engine runs the model behind our front (torch, or llama.cpp's llama-server)."""
     chromium, driver = browser_or_skip()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    app, scheduler = app_from_checkpoint(ckpt, ServeConfig(model_name=MODEL), max_batch=4)
-    with BackgroundServer(app) as srv, chromium_driver(chromium, driver) as d:
+    with serving(ckpt, ServeConfig(model_name=MODEL), engine, max_batch=4, max_queue=64) as srv, \
+            chromium_driver(chromium, driver) as d:
         d.get(srv.url + "/")
         wait = WebDriverWait(d, 60)
         by_id = lambda name: d.find_element(By.ID, name)
@@ -151,4 +154,3 @@ def test_chat_page_streams_a_korean_answer(ckpt, tmp_path):
         assert by_id("send").text == "Send" and d.execute_script("return document.documentElement.lang") == "en"
         by_id("new-chat").click()
         assert d.find_elements(By.CSS_SELECTOR, ".msg") == [] and by_id("empty").is_displayed()
-    scheduler.stop()

@@ -1,5 +1,6 @@
-"""Engines behind one front: our torch engine's prepared decode step, and llama.cpp's `llama-server` serving
-chat, streams and errors through kfoundry's API (with the official `openai` client).
+"""Engines behind one front: our torch engine's prepared decode step; llama.cpp's `llama-server` serving
+chat, streams and errors through kfoundry's API (with the official `openai` client), which is the forwarding
+path vLLM shares; and the vLLM command line and request dialect (vLLM itself needs a GPU).
 
 The llama.cpp tests run the real `llama-server` binary built by scripts/build_llama_server.sh (found next to
 the venv's python, on PATH, or at $KFOUNDRY_LLAMA_SERVER). Without it they skip with the build command;
@@ -8,7 +9,6 @@ in CI (`KFOUNDRY_REQUIRE_SHARED=1`, set by .ci/run) its absence is a failure.
 
 from __future__ import annotations
 
-import os
 import threading
 import unicodedata
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import TINY_TEXTS
+from engine_apps import llama_server_or_skip
 
 from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.export.gguf import export_gguf
@@ -25,8 +26,10 @@ from kfoundry.model.generate import SamplingParams
 from kfoundry.model.quantize import quantize_int8
 from kfoundry.serve.app import ServeConfig, create_app
 from kfoundry.serve.batch import GenericSlots, PreparedSlots
+from kfoundry.errors import DependencyError
+from kfoundry.export.hf import export_hf
 from kfoundry.serve.engines.llama_cpp import LlamaCppEngine
-from kfoundry.serve.engines.llama_server import find_llama_server
+from kfoundry.serve.engines.vllm import INSTALL_HINT, VllmServer, VllmUpstream, find_vllm
 from kfoundry.serve.scheduler import Scheduler, Ticket
 from kfoundry.serve.server import BackgroundServer
 
@@ -79,12 +82,7 @@ def test_prepared_slots_match_the_general_forward(engine_ckpt, int8):
 
 @pytest.fixture(scope="module")
 def llama_server_binary():
-    try:
-        return find_llama_server()
-    except FileNotFoundError as e:
-        if os.environ.get("KFOUNDRY_REQUIRE_SHARED"):
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    return llama_server_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +106,17 @@ def client(srv, **kw) -> openai.OpenAI:
                          **kw)
 
 
-def run_tickets(engine, prompts: list[list[int]], params: SamplingParams, stop_ids=frozenset()) -> list[list[int]]:
-    """Submit one ticket per prompt to an engine (torch scheduler or llama.cpp) and wait for all token ids."""
+def run_tickets(engine, prompts: list[list[int]], params: SamplingParams, stop_ids=frozenset(),
+                stream: bool = True, reports: list | None = None) -> list[list[int]]:
+    """Submit one ticket per prompt to an engine (torch scheduler or llama.cpp) and wait for all token ids.
+    `reports` (if given) collects every event list the engine reported, as it reported them."""
     out: list[list[int]] = [[] for _ in prompts]
     done = [threading.Event() for _ in prompts]
 
     def listener(i):
         def on_events(events):
+            if reports is not None:
+                reports.append(list(events))
             for _, token, reason in events:
                 if token is not None:
                     out[i].append(token)
@@ -123,7 +125,7 @@ def run_tickets(engine, prompts: list[list[int]], params: SamplingParams, stop_i
                     done[i].set()
         return on_events
 
-    engine.submit([Ticket(p, params, listener(i), stop_ids=stop_ids) for i, p in enumerate(prompts)])
+    engine.submit([Ticket(p, params, listener(i), stop_ids=stop_ids, stream=stream) for i, p in enumerate(prompts)])
     for e in done:
         assert e.wait(60)
     return out
@@ -248,3 +250,87 @@ def test_cli_llama_cpp_errors_are_one_line(engine_ckpt, tmp_path, capsys):
                "--gguf", str(tmp_path / "missing.gguf")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "GGUF file not found" in err and len(err.splitlines()) == 1
+
+
+def test_non_streaming_requests_are_one_upstream_answer(engine_ckpt, llama_front, mixed_texts):
+    """A request the client reads whole is forwarded as one non-streamed llama-server request: all its tokens
+    arrive in one report (no per-token chunk, parse or thread hop), and they are the streamed tokens."""
+    _, engine = llama_front
+    tok = load_tokenizer(engine_ckpt)
+    params = SamplingParams(max_new_tokens=24)
+    for text in mixed_texts[:3]:  # one at a time: the same batch of one in both modes
+        prompt = [tok.encode(text, bos=True)]
+        streamed_reports, whole_reports = [], []
+        streamed = run_tickets(engine, prompt, params, reports=streamed_reports)
+        whole = run_tickets(engine, prompt, params, stream=False, reports=whole_reports)
+        assert whole == streamed and len(whole[0]) == 24
+        with_tokens = lambda reports: [r for r in reports if any(t is not None for _, t, _ in r)]  # noqa: E731
+        assert len(with_tokens(whole_reports)) == 1 and len(with_tokens(streamed_reports)) > 1
+        assert whole_reports[-1][-1] == (0, whole[0][-1], "length")
+
+
+# ------------------------------------------------------------------------------------- vLLM (no GPU here)
+
+
+def test_vllm_command_line(engine_ckpt, tmp_path, monkeypatch):
+    """The vLLM server command `--engine vllm` would start, built from a real Hugging Face export (not run)."""
+    hf = export_hf(engine_ckpt, tmp_path / "hf")
+    fake = tmp_path / "venv-vllm" / "vllm"  # a `vllm` of another environment; never executed here
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    server = VllmServer(hf, max_num_seqs=16, max_model_len=128, tensor_parallel=2, dtype="float32", vllm=fake)
+    server.port = 8123
+    assert server.command() == [
+        str(fake), "serve", str(hf), "--served-model-name", "kfoundry", "--host", "127.0.0.1", "--port", "8123",
+        "--max-num-seqs", "16", "--max-model-len", "128", "--tensor-parallel-size", "2", "--dtype", "float32"]
+    one_gpu = VllmServer(hf, max_num_seqs=4, max_model_len=128, vllm=fake)
+    assert "--tensor-parallel-size" not in one_gpu.command() and "--dtype" not in one_gpu.command()
+    monkeypatch.setenv("KFOUNDRY_VLLM", str(fake))
+    assert find_vllm() == [str(fake), "serve"]
+    monkeypatch.setenv("KFOUNDRY_VLLM", str(tmp_path / "nothing"))
+    with pytest.raises(DependencyError, match="not found"):
+        find_vllm()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VllmServer(tmp_path, max_num_seqs=4, max_model_len=128, vllm=fake)
+
+
+def test_vllm_missing_is_one_line(engine_ckpt, monkeypatch, capsys):
+    """Without vLLM, `kfoundry serve --engine vllm` says how to install it, in one line, before exporting."""
+    import importlib.util
+
+    from kfoundry.cli import main
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    monkeypatch.delenv("KFOUNDRY_VLLM", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(DependencyError):
+        find_vllm()
+    rc = main(["serve", "--model", str(engine_ckpt), "--engine", "vllm"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and INSTALL_HINT in err and "pip install vllm" in err and len(err.splitlines()) == 1
+
+
+def test_vllm_dialect():
+    """What goes to vLLM's /v1/completions and how its answers and stream chunks are read (shapes as vLLM's
+    OpenAI server sends them with return_token_ids)."""
+    up = VllmUpstream(server=None)
+    body = up.body([1, 5, 9], SamplingParams(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=0), 42, [510, 511],
+                   frozenset({2, 3}), stream=True)
+    assert body["prompt"] == [1, 5, 9] and body["max_tokens"] == 8 and body["return_token_ids"] is True
+    assert body["top_k"] == -1 and body["seed"] == 42 and body["stop_token_ids"] == [2, 3] and body["stream"] is True
+    assert body["logit_bias"] == {"510": -100, "511": -100} and body["repetition_penalty"] == 1.0
+    assert "seed" not in up.body([1], SamplingParams(max_new_tokens=1), None, [], frozenset(), stream=False)
+    chunk = {"object": "text_completion", "choices": [{"index": 0, "text": "안", "token_ids": [7, 8],
+                                                        "finish_reason": None}]}
+    assert up.parse(chunk) == ([7, 8], None)
+    final = {"choices": [{"index": 0, "text": "녕 😀", "token_ids": [9, 10, 11], "finish_reason": "length"}]}
+    assert up.parse(final) == ([9, 10, 11], "length")
+    assert up.parse({"choices": [], "usage": {"completion_tokens": 5}}) == ([], None)
+    with pytest.raises(RuntimeError, match="bad prompt"):
+        up.parse({"error": {"message": "bad prompt", "type": "BadRequestError", "code": 400}})
+    with pytest.raises(RuntimeError, match="0.10.2"):
+        up.parse({"choices": [{"index": 0, "text": "hi", "finish_reason": None}]})
+    with pytest.raises(RuntimeError, match="abort"):
+        up.parse({"choices": [{"index": 0, "text": "", "token_ids": [], "finish_reason": "abort"}]})

@@ -16,6 +16,8 @@ import openai
 import pytest
 import schemathesis
 
+from engine_apps import ENGINES, serving
+
 from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.serve.app import ServeConfig, app_from_checkpoint, create_app
 from kfoundry.serve.scheduler import Scheduler
@@ -594,16 +596,15 @@ def test_sigterm_lets_requests_in_flight_finish(ckpt):
 # ------------------------------------------------------------------------------------------- schema fuzzing
 
 
-@pytest.fixture(scope="module")
-def fuzz_url(tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINES)
+def fuzz_url(request, tmp_path_factory):
     """A small server with a key: context 64 and at most 8 new tokens, so that every request the fuzzer makes
-    is answered in milliseconds (larger max_tokens are 400s, which the schema declares)."""
+    is answered in milliseconds (larger max_tokens are 400s, which the schema declares). Once over our torch
+    engine and once over llama.cpp's llama-server: the schema and the error shapes are the front's either way."""
     ckpt = random_checkpoint(tmp_path_factory.mktemp("fuzz") / "ckpt", max_seq_len=64)
     cfg = ServeConfig(model_name=MODEL, api_key=KEY, request_timeout=30, max_tokens=8, default_max_tokens=4)
-    app, scheduler = app_from_checkpoint(ckpt, cfg, max_batch=4, max_queue=64)
-    with BackgroundServer(app) as srv:
+    with serving(ckpt, cfg, request.param, max_batch=4, max_queue=64) as srv:
         yield srv.url
-    scheduler.stop()
 
 
 def test_fuzzing_the_openapi_schema(fuzz_url):

@@ -22,7 +22,9 @@ so export and import are renames-free. The model knows nothing about parallelism
 compilation and saving are applied from outside (torchtitan's rule).
 
 Initialisation is explicit: build on the meta device (no memory, no time), move to a real device with
-`to_empty`, then call `init_weights()`. This is what lets FSDP shard a model that would not fit on one device.
+`to_empty`, then call `init_weights()`. Under FSDP the model is sharded while still on the meta device, so each
+rank only ever allocates its shard; `init_weights` then draws every parameter whole, one at a time, and keeps its
+own slice, so the sharded model starts from exactly the weights one process would have drawn.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from kfoundry.config import ModelConfig
 from kfoundry.model import masks
@@ -51,6 +54,20 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
+
+
+def normal_(param: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """N(0, std) in place. A sharded parameter (FSDP2's DTensor) draws the whole tensor with the same generator
+    and keeps its own slice: the random stream, and so the weights, are those of a single process, whatever the
+    number of ranks (the test of a 2-rank run against one process relies on it). Peak memory: one whole
+    parameter at a time."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        whole = torch.empty(param.shape, dtype=param.dtype, device=local.device).normal_(0.0, std, generator=generator)
+        # src_data_rank=None: every rank drew the same tensor, so each takes its slice without communication
+        local.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local())
+    else:
+        param.normal_(0.0, std, generator=generator)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -202,15 +219,15 @@ class Transformer(nn.Module):
         self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, device=self.inv_freq.device))
         if self.cfg.tie_embeddings:  # moving off the meta device can break the tie; restore it
             self.lm_head.weight = self.model.embed_tokens.weight
-        nn.init.normal_(self.model.embed_tokens.weight, 0.0, std, generator=gen)
+        normal_(self.model.embed_tokens.weight, std, gen)
         if not self.cfg.tie_embeddings:
-            nn.init.normal_(self.lm_head.weight, 0.0, std, generator=gen)
+            normal_(self.lm_head.weight, std, gen)
         for block in self.model.layers:
             a, m = block.self_attn, block.mlp
             for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-                nn.init.normal_(lin.weight, 0.0, std, generator=gen)
+                normal_(lin.weight, std, gen)
             for lin in (a.o_proj, m.down_proj):
-                nn.init.normal_(lin.weight, 0.0, out_std, generator=gen)
+                normal_(lin.weight, out_std, gen)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.reset_parameters()

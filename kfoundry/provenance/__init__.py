@@ -15,7 +15,7 @@ Guide: docs/provenance.md (English), docs/provenance.ko.md (Korean).
 
 from kfoundry.provenance.ledger import LedgerError, check_chain, read, record
 from kfoundry.provenance.record import (record_checkpoint, record_data, record_derivation, record_evaluation,
-                                        record_export, record_init)
+                                        record_export, record_init, model_digest)
 
 __all__ = ["LedgerError", "check_chain", "read", "record", "record_checkpoint", "record_data", "record_derivation",
-           "record_evaluation", "record_export", "record_init"]
+           "record_evaluation", "record_export", "record_init", "model_digest"]

@@ -83,6 +83,8 @@ def state_digest(state: dict[str, Any]) -> str:
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach()
+        if hasattr(t, "full_tensor"):  # a shard of a DTensor (FSDP2): gather the whole tensor (a collective)
+            t = t.full_tensor()
         h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
         h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -202,16 +204,27 @@ def _latest(entries: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------------- writers
 
 
-def record_init(run_dir: str | Path, model, *, seed: int, stage: str = "pretrain", **extra: Any) -> dict[str, Any]:
-    """Random initialisation: what anyone needs to rebuild the very same starting weights and check them."""
+def model_digest(model) -> str:
+    """`state_digest` of a model's weights under their plain names (without compile/checkpointing wrappers).
+    For a sharded model every rank must call it: each parameter is gathered whole in turn, one at a time."""
     from kfoundry.checkpoint import model_state
+    from kfoundry.checkpoint.dcp import clean_name
+
+    return state_digest({clean_name(k): v for k, v in model_state(model).items()})
+
+
+def record_init(run_dir: str | Path, model, *, seed: int, stage: str = "pretrain", weights_sha256: str | None = None,
+                **extra: Any) -> dict[str, Any]:
+    """Random initialisation: what anyone needs to rebuild the very same starting weights and check them.
+    `weights_sha256` is `model_digest(model)`, computed by every rank when the model is sharded."""
     from kfoundry.config import to_dict
 
     cfg = to_dict(model.cfg)
     device = next(model.parameters()).device
+    digest = weights_sha256 or model_digest(model)
     return ledger.record(run_dir, "init", stage=stage, **{"from": []}, seed=seed, model_config=cfg,
                          model_config_sha256=json_sha256(cfg), init_device=device.type, code_version=code_version(),
-                         init_weights_sha256=state_digest(model_state(model)), **extra)
+                         init_weights_sha256=digest, **extra)
 
 
 def _curation(shard_dir: Path, corpus: str | None) -> tuple[dict[str, Any] | None, Path | None]:

@@ -4,6 +4,7 @@
     sampling.py    per-row temperature / top-p / top-k / seed, sampled in one vectorised pass
     scheduler.py   the thread that owns the model: bounded queue, join/leave between decode steps
     engine.py      the interface the app needs from a generation backend (the scheduler is one)
+    engines/       the other engines: one forwarding engine over llama.cpp's llama-server or vLLM's OpenAI server
     textstream.py  token ids to text, piece by piece (whole characters only, stop strings)
     generation.py  the asyncio side of one request: events to text, timeout, cancellation, abort
     schemas.py     request and response bodies; refused and ignored OpenAI options
@@ -16,8 +17,8 @@
     server.py      uvicorn with a header timeout and a connection cap; foreground or a background thread
     smoke.py       a random-weight checkpoint for exercising the serving path
 
-`kfoundry serve` itself is kfoundry/serve_cli.py, one level up: with the llama.cpp engine it also exports a GGUF,
-and serve/ does not import export/.
+`kfoundry serve` itself is kfoundry/serve_cli.py, one level up: with the llama.cpp or vLLM engine it also exports
+the checkpoint (GGUF, Hugging Face), and serve/ does not import export/.
 
 See docs/serve.md.
 """

@@ -157,7 +157,7 @@ class Answerer:
     async def __call__(self, request: Request, body: CompletionRequest | ChatRequest) -> Response:
         plan = await asyncio.to_thread(plan_request, body, self.tokenizer, self.limits)  # tokenizing takes time
         gen = Generation(self.engine, self.tokenizer, plan.prompts, plan.params, n=plan.n, stop_ids=self.stop_ids,
-                         stop=plan.stop, timeout=self.cfg.request_timeout)
+                         stop=plan.stop, timeout=self.cfg.request_timeout, stream=plan.stream)
         try:
             gen.submit()
         except QueueFull as e:

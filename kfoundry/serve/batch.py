@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kfoundry.config import ModelConfig
-from kfoundry.model.decode import SequenceDecoder, _signature
+from kfoundry.model.decode import SequenceDecoder
 from kfoundry.model.llama import KVCache, Transformer, rope_cos_sin
 
 
@@ -166,11 +166,14 @@ class PreparedSlots:
             raise ValueError("PreparedSlots runs float32 or int8 models on the CPU")
         cfg = self.cfg = model.cfg
         self.model, self.max_len = model, max_len
-        signature, cached = _signature(model), model.__dict__.get("_sequence_decoder_weights")
-        if cached is None or cached[0] != signature:  # the same prepared weights as SequenceDecoder, shared
-            cached = (signature, SequenceDecoder._prepare(model))
-            model.__dict__["_sequence_decoder_weights"] = cached
-        self.layers, self.order = cached[1]
+        # SequenceDecoder's prepared weights (folded gains, stacked q/k/v and gate/up), each float matrix then
+        # stored transposed ([in, out], contiguous): for a few rows MKL multiplied by a contiguous [in, out]
+        # matrix 1.0-2.2x faster than by the [out, in] one F.linear takes (the 26M shape's products at 1 and 8
+        # rows; equal at 16; docs/benchmarks.md). Our own copy, so a served model holds no second prepared set.
+        layers, self.order = SequenceDecoder._prepare(model)
+        self.layers = [_RowsLayer(layer) for layer in layers]
+        head = model.lm_head
+        self.head = _Rows(head.weight.detach().t().contiguous()) if isinstance(head, torch.nn.Linear) else None
         self.kv = [torch.zeros(n_slots, 2, cfg.n_kv_heads, max_len, cfg.head_dim) for _ in range(cfg.n_layers)]
         cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq)  # fp32
         half = cfg.head_dim // 2
@@ -220,7 +223,7 @@ class PreparedSlots:
             gu = _linear(layer.gate_up, F.rms_norm(x, (cfg.dim,), eps=cfg.norm_eps))
             x = _linear(layer.down, F.silu(gu[:, :FF]).mul_(gu[:, FF:]), add=x)
         h = F.rms_norm(x, (cfg.dim,), self.model.model.norm.weight, cfg.norm_eps)
-        return self.model.lm_head(h)
+        return self.model.lm_head(h) if self.head is None else _linear(self.head, h)
 
     def move(self, src: int, dst: int, length: int) -> None:
         if src == dst or length == 0:
@@ -229,10 +232,31 @@ class PreparedSlots:
             kv[dst, :, :, :length] = kv[src, :, :, :length]
 
 
-def _linear(mv, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W.T (+ add) for a prepared `MatVec` matrix and rows x [n, in]: float weights in one BLAS call."""
-    if mv.weight is not None:
-        return F.linear(x, mv.weight) if add is None else torch.addmm(add, x, mv.weight.t())
+class _Rows:
+    """One prepared matrix applied to a batch of rows: float weights transposed ([in, out]), or an int8 MatVec."""
+
+    def __init__(self, weight_t: torch.Tensor | None, mv=None):
+        self.weight_t, self.mv = weight_t, mv
+
+    @classmethod
+    def of(cls, mv) -> _Rows:
+        return cls(mv.weight.t().contiguous()) if mv.weight is not None else cls(None, mv)
+
+
+class _RowsLayer:
+    """A `kfoundry.model.decode` layer with its matrices as `_Rows` (the float copies in [in, out] order)."""
+
+    def __init__(self, layer):
+        self.qk_norm = layer.qk_norm
+        self.qkv, self.o = _Rows.of(layer.qkv), _Rows.of(layer.o)
+        self.gate_up, self.down = _Rows.of(layer.gate_up), _Rows.of(layer.down)
+
+
+def _linear(m: _Rows, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ add) for rows x [n, in]: float weights in one BLAS call on the transposed copy."""
+    if m.weight_t is not None:
+        return torch.mm(x, m.weight_t) if add is None else torch.addmm(add, x, m.weight_t)
+    mv = m.mv
     if mv.in_scale is not None:  # int8 rows keep the RMSNorm gain out of the weights: apply it to x
         x = x * mv.in_scale
     y = mv.int8(x)

@@ -44,7 +44,8 @@ class Generation:
 
     def __init__(self, engine, tokenizer, prompts: list[list[int]], params: SamplingParams, *,
                  n: int = 1, stop_ids: frozenset[int] = frozenset(), stop: list[str] | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, stream: bool = True) -> None:
+        """`stream=False`: the caller reads only the whole answer (`collect`), so an engine may deliver it at once."""
         self.engine = engine
         self.n = n
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -59,7 +60,7 @@ class Generation:
         def listener(i: int):
             return lambda events: loop.call_soon_threadsafe(self._queue.put_nowait, (i, events))
 
-        self.tickets = [Ticket(prompt=p, params=params, n=n, stop_ids=stop_ids, on_events=listener(i))
+        self.tickets = [Ticket(prompt=p, params=params, n=n, stop_ids=stop_ids, on_events=listener(i), stream=stream)
                         for i, p in enumerate(prompts)]
 
     def submit(self) -> None:

@@ -54,6 +54,9 @@ class Ticket:
     on_events: Callable[[list[Event]], None]
     n: int = 1
     stop_ids: frozenset[int] = frozenset()
+    # False: the client reads the answer only once it is whole. An engine may then deliver all tokens in one
+    # report (the forwarding engines ask their upstream for one answer instead of a token stream).
+    stream: bool = True
     id: int = field(default_factory=itertools.count().__next__)
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
@@ -69,6 +72,26 @@ class Ticket:
 
     def wants(self, choice: int) -> bool:
         return not self.cancelled and choice not in self.cancelled_choices
+
+
+def check_tickets(tickets: list[Ticket], max_len: int, max_batch: int) -> None:
+    """What every engine refuses with a ValueError before queueing anything: `n` outside 1..max_batch, an
+    empty prompt, prompt + max_new_tokens past the context, or sampling settings out of range."""
+    for t in tickets:
+        if not 1 <= t.n <= max_batch:
+            raise ValueError(f"n={t.n} must be between 1 and the batch size {max_batch}")
+        if not t.prompt or len(t.prompt) + t.params.max_new_tokens > max_len:
+            raise ValueError(f"prompt ({len(t.prompt)}) + max_new_tokens ({t.params.max_new_tokens}) must be "
+                             f"between 1 and the context ({max_len})")
+        t.params.validate()
+
+
+def report(ticket: Ticket, events: list[Event]) -> None:
+    """Hand `events` to the ticket's listener; a broken listener (its event loop closed) only cancels its ticket."""
+    try:
+        ticket.on_events(events)
+    except Exception:  # noqa: BLE001 - one request's listener must not stop an engine
+        ticket.cancel()
 
 
 @dataclass
@@ -148,13 +171,7 @@ class Scheduler:
 
     def submit(self, tickets: list[Ticket]) -> None:
         """Queue `tickets` all together, or none of them (QueueFull) when the queue has no room for all."""
-        for t in tickets:
-            if not 1 <= t.n <= self.max_batch:
-                raise ValueError(f"n={t.n} must be between 1 and the batch size {self.max_batch}")
-            if not t.prompt or len(t.prompt) + t.params.max_new_tokens > self.max_len:
-                raise ValueError(f"prompt ({len(t.prompt)}) + max_new_tokens ({t.params.max_new_tokens}) must be "
-                                 f"between 1 and the context ({self.max_len})")
-            t.params.validate()
+        check_tickets(tickets, self.max_len, self.max_batch)
         with self._cond:
             self._drop_cancelled_waiting()  # requests that gave up while waiting hold no place in the queue
             if len(self._waiting) + len(tickets) > self.max_queue:
@@ -310,20 +327,13 @@ class Scheduler:
             if seq.ticket.finished == seq.ticket.n:
                 self.stats.completed += 1
         for key, events in reports.items():
-            self._report(tickets[key], events)
+            report(tickets[key], events)
 
     def _finish(self, ticket: Ticket, choice: int, reason: str) -> None:
         ticket.finished += 1
-        self._report(ticket, [(choice, None, reason)])
+        report(ticket, [(choice, None, reason)])
 
     def _finish_all(self, ticket: Ticket, reason: str) -> None:
         done = {s.choice for s in self._running if s.ticket is ticket}
-        self._report(ticket, [(c, None, reason) for c in range(ticket.n) if c not in done])
+        report(ticket, [(c, None, reason) for c in range(ticket.n) if c not in done])
         ticket.finished = ticket.n
-
-    @staticmethod
-    def _report(ticket: Ticket, events: list[Event]) -> None:
-        try:
-            ticket.on_events(events)
-        except Exception:  # noqa: BLE001 - a broken listener (closed event loop) only loses its own events
-            ticket.cancel()

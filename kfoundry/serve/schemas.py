@@ -72,6 +72,16 @@ def _refuse_unless_neutral(value: Any, info: ValidationInfo, table: dict[str, tu
     return value
 
 
+def neutral_only(table: dict[str, tuple]):
+    """The validator a model declares for the options of `table` (declared as `Any = None` fields): each is
+    accepted only at one of its neutral values, and otherwise refused with an error naming it."""
+
+    def check(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_unless_neutral(value, info, table)
+
+    return field_validator(*table, mode="before")(classmethod(check))
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
@@ -102,10 +112,7 @@ class SamplingRequest(BaseModel):
     logit_bias: Any = None
     logprobs: Any = None
 
-    @field_validator(*UNSUPPORTED_COMMON, mode="before")
-    @classmethod
-    def _unsupported_common(cls, v, info: ValidationInfo):
-        return _refuse_unless_neutral(v, info, UNSUPPORTED_COMMON)
+    _unsupported_common = neutral_only(UNSUPPORTED_COMMON)
 
     @field_validator("stop")
     @classmethod
@@ -133,10 +140,7 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("must not be an empty list")
         return v
 
-    @field_validator(*UNSUPPORTED_COMPLETION, mode="before")
-    @classmethod
-    def _unsupported_completion(cls, v, info: ValidationInfo):
-        return _refuse_unless_neutral(v, info, UNSUPPORTED_COMPLETION)
+    _unsupported_completion = neutral_only(UNSUPPORTED_COMPLETION)
 
 
 class TextPart(BaseModel):
@@ -175,10 +179,7 @@ class ChatRequest(SamplingRequest):
     reasoning_effort: Any = None
     web_search_options: Any = None
 
-    @field_validator(*UNSUPPORTED_CHAT, mode="before")
-    @classmethod
-    def _unsupported_chat(cls, v, info: ValidationInfo):
-        return _refuse_unless_neutral(v, info, UNSUPPORTED_CHAT)
+    _unsupported_chat = neutral_only(UNSUPPORTED_CHAT)
 
     @model_validator(mode="after")
     def _newer_name_wins(self):  # never raises: a check here could not name its field

@@ -73,6 +73,11 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
     check_shapes(cfg, tok)
     if init is not None and run.start is None:
         model = load_model(init, device=device)
+    elif info.enabled and tc.parallel == "fsdp":
+        # Build on the meta device (no memory); the Trainer shards it, then each rank allocates and initialises
+        # only its shard, drawing the very weights one process would: a model larger than one GPU can be built.
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
     else:  # fresh, or the shape a resumed checkpoint's weights are loaded into
         model = Transformer.build(cfg.model, device=device, seed=tc.seed)
     token_bytes = torch.tensor(tok.token_bytes(), dtype=torch.long, device=device)

@@ -376,8 +376,9 @@ class Trainer:
                  data_sha256: str | None = None,
                  record_init: bool = False, progress: bool = True,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> None:
-        """`model` is the unsharded starting model (fresh, --init or base weights); on a resume its weights are
-        replaced by the checkpoint's. Every rank constructs the Trainer under torchrun."""
+        """`model` is the unsharded starting model (fresh, --init or base weights), or a fresh model still on the
+        meta device, which is sharded and then initialised here (FSDP); on a resume its weights are replaced by
+        the checkpoint's. Every rank constructs the Trainer under torchrun."""
         self.stage, self.cfg, self.tc, self.run, self.info, self.device = stage, cfg, cfg.train, run, info, device
         self.out_dir, self.tok, self.meta, self.data_sha256 = Path(out_dir), tokenizer, meta or {}, data_sha256
         self.main = info.is_main
@@ -397,11 +398,18 @@ class Trainer:
         self.n_params = model.num_params()
         if self.main:
             write_config(cfg, self.out_dir)
-            if record_init and run.start is None:  # the ledger: random initialisation, before any step
-                provenance.record_init(self.out_dir, model, seed=tc.seed)
         # Parallelism and compilation are applied from outside: the model file does not know about them.
         self.model = parallelize(model, info, mode=tc.parallel, activation_checkpointing=tc.activation_checkpointing,
                                  compile_blocks=tc.compile and info.enabled)
+        sharded_init = any(p.is_meta for p in model.parameters())
+        if sharded_init:  # built on the meta device and sharded (FSDP): each rank allocates and draws its shard only
+            model.to_empty(device=device)
+            model.init_weights(seed=tc.seed)
+        if record_init and run.start is None:  # the ledger: random initialisation, before any step
+            digest = provenance.model_digest(model)  # every rank: a sharded model is gathered a tensor at a time
+            if self.main:
+                provenance.record_init(self.out_dir, model, seed=tc.seed, weights_sha256=digest,
+                                       init="sharded" if sharded_init else "whole")
         self.fwd = torch.compile(self.model) if tc.compile and not info.enabled else self.model
         self.optimizer = build_optimizer(self.model, tc, device.type)
         if run.start is not None:
