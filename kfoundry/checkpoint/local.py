@@ -28,6 +28,7 @@ from kfoundry.checkpoint.manifest import verify, write_manifest
 from kfoundry.config import ModelConfig, model_config_from_dict, to_dict
 from kfoundry.errors import CheckpointError
 from kfoundry.fileio import atomic_dir, atomic_write_json
+from kfoundry.model.device import pick_device
 from kfoundry.model.llama import Transformer
 
 FORMAT_VERSION = 1
@@ -97,8 +98,10 @@ def load_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", *, check: bool = True) -> Transformer:
     """The model of a checkpoint, from its safetensors weights, after the manifest checks (`check=False` only
-    for a directory this process has just verified)."""
+    for a directory this process has just verified). `device` follows `kfoundry.model.device.pick_device`
+    (`auto`, `cpu`, `cuda[:N]`, `mps`; a device this machine lacks means the CPU, with a warning)."""
     path = Path(path)
+    device = pick_device(device)
     if check:
         verify(path)
     cfg = load_config(path)

@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from kfoundry.eval import scoring
+from kfoundry.model.device import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class _AllStopped(Exception):
     """Raised from the generator's token callback once every row has produced a stop string."""
-
-
-def _pick_device(device: str | None) -> torch.device:
-    """The requested device; lm-eval's CLI asks for cuda:0 by default, so without CUDA fall back to the CPU (as
-    lm-eval's own `hf` model does) instead of failing."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        log.warning("kfoundry model: %s requested but CUDA is not available; using the CPU", device)
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 @register_model("kfoundry")
@@ -79,7 +69,8 @@ class KFoundryLM(TemplateLM):
         if isinstance(source, (str, Path)):
             from kfoundry.checkpoint import load_model, load_tokenizer
 
-            self._device = _pick_device(device)
+            # lm-eval's CLI asks for cuda:0 by default: without a GPU this runs on the CPU (as its own `hf` model does)
+            self._device = pick_device(device)
             self.model = load_model(source, self._device)
             self.tok = load_tokenizer(source)
             self.source = str(source)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.fileio import read_json
+from kfoundry.model.device import pick_device
 
 PACK_NAME_RE = re.compile(r"^(?:task|group):\s*(\S+)\s*$", re.M)
 
@@ -85,14 +86,8 @@ def build_lm(spec: EvalSpec, backend: str):
         return KFoundryLM(model=spec.model, device=spec.device, batch_size=spec.batch_size)
     from lm_eval.models.huggingface import HFLM
 
-    device = spec.device if spec.device != "auto" else ("cuda" if _cuda() else "cpu")
-    return HFLM(pretrained=spec.model, device=device, dtype="float32", batch_size=spec.batch_size)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return HFLM(pretrained=spec.model, device=str(pick_device(spec.device)), dtype="float32",
+                batch_size=spec.batch_size)
 
 
 def task_manager(spec: EvalSpec):

@@ -25,8 +25,9 @@ context cost. Truncation follows lm-eval exactly (keep the last max_len + 1 toke
 so two choices share a context only when they were truncated identically. A continuation longer than the model's
 context, which lm-eval's `hf` model refuses, is scored in pieces (`split_request`).
 
-Only the positions that are scored go through the output head (`lm_head`): with a large vocabulary the head
-costs more than a transformer layer, and a packed context has one scored position in hundreds.
+The model runs as its backbone (`Transformer.hidden`), and only the positions that are scored go through the
+output head (`lm_head`): with a large vocabulary the head costs more than a transformer layer, and a packed
+context has one scored position in hundreds.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from kfoundry.model import masks
-from kfoundry.model.llama import Transformer, rope_cos_sin
+from kfoundry.model.llama import Transformer
 
 
 @dataclass(frozen=True)
@@ -96,17 +97,6 @@ def batches(groups: list[Group], token_budget: int, max_rows: int) -> list[list[
     return out
 
 
-def hidden_states(model: Transformer, idx: torch.Tensor, positions: torch.Tensor,
-                  attn_mask: torch.Tensor | None) -> torch.Tensor:
-    """The final-norm hidden states [B, T, dim]: `Transformer.forward` without the output head, so the head can
-    be applied to the scored positions only (see the module docstring)."""
-    x = model.model.embed_tokens(idx)
-    cos, sin = rope_cos_sin(positions, model.inv_freq)
-    for block in model.model.layers:
-        x = block(x, cos, sin, attn_mask, None)
-    return model.model.norm(x)
-
-
 def _layout(batch: list[Group], device: torch.device):
     """Token ids, positions and segment ids of a padded batch, plus, per request, the flat indices of the hidden
     states that score it and its continuation."""
@@ -153,7 +143,7 @@ def score(model: Transformer, requests: Sequence[tuple[Sequence[int], Sequence[i
         # One continuation per row: right padding never reaches a real token under a causal mask, so the fast
         # causal attention path needs no mask at all. Shared contexts need the segment mask.
         mask = masks.shared_context(seg) if shared else None
-        h = hidden_states(model, idx, pos, mask).flatten(0, 1)
+        h = model.hidden(idx, positions=pos, attn_mask=mask).flatten(0, 1)
         flat = torch.tensor([r for _, rows, _ in scored for r in rows], device=device)
         logp = F.log_softmax(model.lm_head(h[flat]).float(), dim=-1)
         targets = torch.tensor([t for _, _, cont in scored for t in cont], device=device)

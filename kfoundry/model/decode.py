@@ -111,6 +111,21 @@ def _signature(model: Transformer) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in [*model.parameters(), *model.buffers()])
 
 
+@torch.inference_mode()
+def prefill_keys(model: Transformer, ids: list[int], order: torch.Tensor,
+                 max_len: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """A prompt through the general forward (matrix-matrix products are the fast path for many rows): the last
+    position's logits [vocab], and each layer's keys (rows reordered by `order` into the interleaved rotary
+    layout) and values, [n_kv_heads, T, head_dim] each. `SequenceDecoder` and the server's prepared slots
+    (`kfoundry.serve.batch.PreparedSlots`) start every sequence from this."""
+    T = len(ids)
+    if T == 0 or T > max_len:
+        raise ValueError(f"prompt of {T} tokens does not fit the decoder's {max_len} positions")
+    cache = KVCache(model.cfg, 1, T, device="cpu", dtype=torch.float32)
+    logits = model(torch.tensor([ids]), cache=cache)[0, -1]
+    return logits, [(k[0][..., order], v[0]) for k, v in zip(cache.k, cache.v)]
+
+
 class SequenceDecoder:
     """Prefill a prompt, then decode one token at a time; `step(token)` returns the next logits [vocab]."""
 
@@ -151,15 +166,10 @@ class SequenceDecoder:
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Run the prompt through the general forward, keep its keys/values, return the last position's logits."""
-        T = len(ids)
-        if T == 0 or T > self.max_len:
-            raise ValueError(f"prompt of {T} tokens does not fit a decoder of {self.max_len} positions")
-        cache = KVCache(self.cfg, 1, T, device="cpu", dtype=torch.float32)
-        logits = self.model(torch.tensor([ids]), cache=cache)[0, -1]
-        for layer, kv in enumerate(self.kv):
-            kv[0, :, :T] = cache.k[layer][0][..., self.order]  # keys into the interleaved rotary layout
-            kv[1, :, :T] = cache.v[layer][0]
-        self.length = T
+        logits, layers = prefill_keys(self.model, ids, self.order, self.max_len)
+        for kv, (k, v) in zip(self.kv, layers):
+            kv[0, :, :len(ids)], kv[1, :, :len(ids)] = k, v
+        self.length = len(ids)
         return logits
 
     @torch.inference_mode()

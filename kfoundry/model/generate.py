@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded so that every row's next token sits in the same column; padded
 positions are masked out of attention and each row keeps its own position ids, so a padded row computes
 exactly what it would alone. The cache is filled once by a prefill pass, then each decode step feeds one token
-per row and attends to everything cached.
+per row and attends to everything cached. Temperature, top-k and top-p are the shared filter of sampling.py
+(the server uses it too, with a setting per row).
 
 A single sequence on the CPU (the chat, the CLI, an edge device) decodes through `SequenceDecoder`
 (decode.py), which runs the same weights with matrix-vector products and a fraction of the operators.
@@ -19,6 +20,7 @@ import torch
 from kfoundry.model import masks
 from kfoundry.model.decode import SequenceDecoder
 from kfoundry.model.llama import KVCache, Transformer
+from kfoundry.model.sampling import filter_logits
 
 
 @dataclass
@@ -44,18 +46,7 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | 
     """One token id per row from logits [B, V]."""
     if p.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / p.temperature
-    if p.top_k > 0:
-        kth = torch.topk(logits, min(p.top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0:
-        # Keep the smallest set of tokens whose probability mass reaches top_p (always at least the best one).
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > p.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
+    probs = filter_logits(logits, p.temperature, p.top_k, p.top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 

@@ -17,6 +17,11 @@ Architectural choices (each is the Llama-2/3 default unless noted):
   kernels where available). Packed documents (SFT) pass a `masks.DocumentMask`, which keeps fused kernels too
   (FlashAttention's variable-length kernel on a GPU); the dense masks of batched inference also come from masks.py.
 
+One way in: `hidden()` is the backbone (embeddings, blocks, final norm) and `forward` is the output head over it,
+so a caller that needs the head on a few positions only (the eval scorer) calls `hidden()` instead of copying
+the loop. A key/value cache is any `Cache`: it says where new tokens go and advances itself as the last layer
+writes, so the model never keeps count for it (`KVCache` here; the server's per-slot `SlotCache` in serve/).
+
 Parameter names map 1:1 onto Hugging Face `LlamaForCausalLM` (`model.layers.3.self_attn.q_proj.weight`, ...),
 so export and import are renames-free. The model knows nothing about parallelism or checkpoints: sharding,
 compilation and saving are applied from outside (torchtitan's rule).
@@ -30,7 +35,7 @@ own slice, so the sharded model starts from exactly the weights one process woul
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -94,10 +99,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+class Cache(Protocol):
+    """What the model asks of a key/value cache. Two implementations: `KVCache` below (every row at the same
+    length: generation) and `kfoundry.serve.batch.SlotCache` (every row at its own length: continuous batching).
+
+    The cache owns where new tokens go and advances itself: `update` is called once per layer, and the call for
+    the last layer moves the cache past the tokens just written. The model never sets a length.
+    """
+
+    def positions(self, batch: int, n_new: int, device) -> torch.Tensor:
+        """[batch, n_new] position ids of the next n_new tokens (rotary angles when the caller gives none)."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv_heads, n_new, head_dim] for `layer`; return every key/value the new tokens may see."""
+        ...
+
+
 class KVCache:
     """Pre-allocated keys and values for every layer: [B, n_kv_heads, max_len, head_dim] each.
 
-    `length` is how many positions are filled; all rows advance together (left-padded prompts keep them aligned).
+    `length` is how many columns are filled; all rows advance together (left-padded prompts keep them aligned,
+    and their position ids, which padding offsets, come from the caller). Writing the last layer advances it.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
@@ -107,12 +130,17 @@ class KVCache:
         self.length = 0
         self.max_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def positions(self, batch: int, n_new: int, device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + n_new, device=device).expand(batch, n_new)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
+        if layer == len(self.k) - 1:  # every layer has its keys: the next forward pass starts after them
+            self.length = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -129,7 +157,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, attn_mask=None, cache: Cache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -243,28 +271,39 @@ class Transformer(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, reduction: str = "mean"):
-        """Logits [B, T, V], or the cross-entropy loss when `targets` is given (ignore_index = -1).
+    def hidden(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | masks.DocumentMask | None = None, cache: Cache | None = None) -> torch.Tensor:
+        """The backbone: embeddings, every block and the final norm -> hidden states [B, T, dim].
 
-        positions: [B, T] integer positions (default: 0..T-1, offset by the cache length).
-        attn_mask: None (causal), a boolean [B, 1, T, S] tensor (True = may attend; padded inference batches),
-            or a `masks.DocumentMask` (documents packed into rows, no cache).
+        `forward` is the output head over this. Call `hidden` directly to apply the head to a few positions only
+        (the scorer reads one position in hundreds; with a large vocabulary the head costs more than a layer).
+        Under FSDP call the sharded model itself (`forward`): its hooks gather the root's parameters.
+
+        positions: [B, T] integer positions (default: the cache's next positions, or 0..T-1 without a cache).
+        attn_mask: None (causal), a boolean [B, 1, T, S] tensor from `masks` (True = may attend; padded or
+            ragged inference batches), or a `masks.DocumentMask` (documents packed into rows, no cache).
+        cache: a `Cache`; it stores this pass's keys and values and advances itself past them.
         """
         B, T = idx.shape
         if cache is not None and isinstance(attn_mask, masks.DocumentMask):
             raise ValueError("packed documents (DocumentMask) are a training layout; they take no KV cache")
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+            if cache is not None:
+                positions = cache.positions(B, T, idx.device)
+            else:
+                positions = torch.arange(T, device=idx.device).expand(B, T)
         x = self.model.embed_tokens(idx)
         cos, sin = rope_cos_sin(positions, self.inv_freq)
         for block in self.model.layers:
             x = block(x, cos, sin, attn_mask, cache)
-        if cache is not None:
-            cache.length += T
-        x = self.model.norm(x)
-        logits = self.lm_head(x)
+        return self.model.norm(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | masks.DocumentMask | None = None, cache: Cache | None = None,
+                reduction: str = "mean"):
+        """Logits [B, T, V] = lm_head(hidden(...)), or the cross-entropy loss when `targets` is given
+        (ignore_index = -1). positions, attn_mask and cache are as for `hidden`."""
+        logits = self.lm_head(self.hidden(idx, positions=positions, attn_mask=attn_mask, cache=cache))
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

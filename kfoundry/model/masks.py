@@ -6,10 +6,12 @@ attention, which needs no mask at all: `scaled_dot_product_attention(is_causal=T
 
 - `causal(T, S)`: T new queries after S - T cached keys (a chunked prefill): causal, aligned bottom-right.
 - `left_padded_causal(valid)` / `key_padding(valid)`: batched generation with left-padded prompts.
+- `up_to_position(positions, S)`: rows at different lengths decoded together (continuous batching): each
+  query sees the keys at or before its own position.
 - `shared_context(segments)`: the scorer's rows, where several continuations share one context.
 - `DocumentMask`: several documents packed into each row (SFT), each attending only to itself.
 
-The first three are dense boolean tensors ([B, 1, T, S], True = may attend): they serve inference, where T is
+All but the last are dense boolean tensors ([B, 1, T, S], True = may attend): they serve inference, where T is
 small or a single row is scored, and PyTorch's SDPA takes them directly.
 
 Packed documents are the one training case, so they get a representation that keeps the fused kernels: the
@@ -66,6 +68,14 @@ def left_padded_causal(valid: torch.Tensor) -> torch.Tensor:
 def key_padding(valid: torch.Tensor) -> torch.Tensor:
     """[B, S] real keys -> [B, 1, 1, S]: every query of a row may attend to that row's real keys."""
     return valid[:, None, None, :]
+
+
+def up_to_position(positions: torch.Tensor, S: int) -> torch.Tensor:
+    """[B, T] query positions -> [B, 1, T, S]: query (b, t) may attend key j iff j <= positions[b, t].
+
+    The rule for slots of a serving cache, where row b's keys sit at their own positions 0..positions[b, t] and
+    a longer row makes the key axis S longer than this row's keys (its stale entries stay hidden)."""
+    return (torch.arange(S, device=positions.device) <= positions[..., None])[:, None]
 
 
 def shared_context(segments: torch.Tensor) -> torch.Tensor:

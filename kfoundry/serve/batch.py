@@ -21,8 +21,12 @@ Two implementations of the same arithmetic, chosen by `make_slots`:
   millions of parameters) a decode step is a few hundred microseconds to a few milliseconds, so each operator's
   fixed dispatch cost is a large part of it.
 - `GenericSlots` (any other device or dtype): the model file's own forward with `SlotCache` as its cache.
-  `Transformer.forward(idx, positions=, attn_mask=, cache=)` only calls `cache.update(layer, k, v)` and bumps
-  `cache.length`, so `SlotCache` is a drop-in cache object.
+  `SlotCache` is a `kfoundry.model.llama.Cache` like the generator's `KVCache`: it says where the next tokens
+  go (`positions`), stores each layer's keys and values (`update`) and advances itself once the last layer has
+  written, except that every row has its own length.
+
+Both own the length of every slot: a prefill sets it, each step advances it, `move` carries it along, so the
+scheduler only says which tokens to feed.
 
 Both give the logits of the general forward to float rounding (tests/test_serve.py compares them).
 """
@@ -33,17 +37,20 @@ import torch
 import torch.nn.functional as F
 
 from kfoundry.config import ModelConfig
-from kfoundry.model.decode import SequenceDecoder
-from kfoundry.model.llama import KVCache, Transformer, rope_cos_sin
+from kfoundry.model import masks
+from kfoundry.model.decode import SequenceDecoder, prefill_keys
+from kfoundry.model.llama import Transformer, rope_cos_sin
 
 
 class SlotCache:
-    """Keys and values for `n_slots` sequences, [n_slots, n_kv_heads, max_len, head_dim] per layer.
+    """Keys and values for `n_slots` sequences, [n_slots, n_kv_heads, max_len, head_dim] per layer, and the
+    length of each: a `kfoundry.model.llama.Cache` whose rows sit at different positions.
 
-    Before each forward pass, `bind(rows, positions)` says which slots the batch rows are and at which
-    positions their tokens go; `update` (called by every attention layer) writes there and returns the keys
-    and values the rows may attend to, up to the longest row. Rows shorter than that see stale or zero
-    entries past their end, which the caller's attention mask hides.
+    Before each forward pass, `bind(rows, n_new)` says which slots the batch rows are and how many tokens each
+    row brings; they go at each slot's own next positions. `update` (called by every attention layer) writes
+    there and returns the keys and values the rows may attend to, up to the longest row; the last layer's
+    call advances the bound slots. Rows shorter than the longest see stale or zero entries past their end,
+    which the caller's attention mask (`masks.up_to_position`) hides.
     """
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device, dtype):
@@ -52,83 +59,89 @@ class SlotCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.n_slots = n_slots
         self.max_len = max_len
+        self.lengths = [0] * n_slots  # filled positions per slot, on the host: no device sync to read them
         self._rows = slice(0, 0)
         self._pos: torch.Tensor | None = None
         self._batch_idx: torch.Tensor | None = None
         self._kv_len = 0
-
-    # The model adds T to `cache.length` after each forward and reads it only when no positions are given.
-    # Lengths here are per row and owned by the caller, so this shared counter is accepted and ignored.
-    @property
-    def length(self) -> int:
-        return 0
-
-    @length.setter
-    def length(self, value: int) -> None:
-        pass
 
     @property
     def kv_len(self) -> int:
         """Keys visible to the bound forward pass: one past the largest bound position."""
         return self._kv_len
 
-    def bind(self, rows: slice, positions: torch.Tensor) -> None:
-        """The next forward pass's batch rows are slots `rows`; its tokens go at `positions` [B, T]."""
-        B = rows.stop - rows.start
-        if positions.shape[0] != B:
-            raise ValueError(f"{B} slots bound but positions has {positions.shape[0]} rows")
-        if rows.start < 0 or rows.stop > self.n_slots:
+    def bind(self, rows: slice, n_new: int) -> torch.Tensor:
+        """The next forward pass's batch rows are slots `rows`, each bringing `n_new` tokens; returns their
+        positions [B, n_new] (each slot's length onwards)."""
+        if rows.start < 0 or rows.stop > self.n_slots or rows.start >= rows.stop:
             raise ValueError(f"slots {rows.start}..{rows.stop} outside the cache's {self.n_slots}")
-        kv_len = int(positions.max()) + 1
+        lengths = self.lengths[rows]
+        kv_len = max(lengths) + n_new
         if kv_len > self.max_len:
             raise ValueError(f"KV cache full: position {kv_len - 1} >= max_len {self.max_len}")
-        self._rows, self._pos, self._kv_len = rows, positions, kv_len
-        self._batch_idx = torch.arange(B, device=positions.device)[:, None]
+        device = self.k[0].device
+        pos = torch.tensor(lengths, device=device)[:, None] + torch.arange(n_new, device=device)
+        self._rows, self._pos, self._kv_len = rows, pos, kv_len
+        self._batch_idx = torch.arange(len(lengths), device=device)[:, None]
+        return pos
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def positions(self, batch: int, n_new: int, device) -> torch.Tensor:
+        if self._pos is None or tuple(self._pos.shape) != (batch, n_new):
+            raise ValueError(f"bind() the slots of a {batch} x {n_new} batch before the forward pass")
+        return self._pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, H, T, D] at each row's positions; return [B, H, kv_len, D] views of the rows' caches."""
+        if self._pos is None:
+            raise ValueError("bind() the slots before each forward pass through a SlotCache")
         ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views: writes land in the cache
         # Advanced indices on dims 0 and 2 (split by a slice) put their broadcast shape [B, T] first: [B, T, H, D].
         ck[self._batch_idx, :, self._pos] = k.transpose(1, 2)
         cv[self._batch_idx, :, self._pos] = v.transpose(1, 2)
+        if layer == len(self.k) - 1:  # every layer has written: the bound slots move past the new tokens
+            n_new = self._pos.shape[1]
+            for slot in range(self._rows.start, self._rows.stop):
+                self.lengths[slot] += n_new
+            self._pos = None  # a position is written once: the next pass binds again
         return ck[:, :, : self._kv_len], cv[:, :, : self._kv_len]
+
+    def reset(self, slot: int) -> None:
+        """Slot `slot` starts a new sequence (its old entries are overwritten as the new one grows)."""
+        self.lengths[slot] = 0
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (compaction, or forking n choices)."""
-        if src == dst or length == 0:
+        if src == dst:
             return
         for ck, cv in zip(self.k, self.v):
             ck[dst, :, :length] = ck[src, :, :length]
             cv[dst, :, :length] = cv[src, :, :length]
+        self.lengths[dst] = length
 
 
 @torch.inference_mode()
 def prefill(model: Transformer, cache: SlotCache, slot: int, prompt: list[int]) -> torch.Tensor:
-    """Run `prompt` into `slot` (positions 0..T-1); return the logits [V] for the token after it."""
-    device = cache.k[0].device
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    positions = torch.arange(len(prompt), device=device)[None]
-    cache.bind(slice(slot, slot + 1), positions)
+    """Start `slot` over with `prompt` (positions 0..T-1); return the logits [V] for the token after it."""
+    idx = torch.tensor([prompt], dtype=torch.long, device=cache.k[0].device)
+    cache.reset(slot)
+    cache.bind(slice(slot, slot + 1), len(prompt))
     # No mask: queries and keys are the same T positions, so the model's own causal attention is right.
-    return model(idx, positions=positions, cache=cache)[0, -1]
+    return model(idx, cache=cache)[0, -1]
 
 
 @torch.inference_mode()
-def decode_step(model: Transformer, cache: SlotCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """One token for each of slots 0..n-1: `tokens` [n] placed at `positions` [n]; returns logits [n, V].
+def decode_step(model: Transformer, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
+    """One token for each of slots 0..n-1, each at its slot's next position; returns logits [n, V].
 
-    Row i attends to its own keys 0..positions[i] and nothing past them (another row may be longer).
+    Row i attends to its own keys 0..length_i and nothing past them (another row may be longer).
     """
-    n = tokens.shape[0]
-    pos = positions[:, None]
-    cache.bind(slice(0, n), pos)
-    keys = torch.arange(cache.kv_len, device=tokens.device)
-    mask = (keys[None, :] <= pos)[:, None, None, :]  # [n, 1, 1, kv_len]: True = may attend
-    return model(tokens[:, None], positions=pos, attn_mask=mask, cache=cache)[:, -1]
+    pos = cache.bind(slice(0, tokens.shape[0]), 1)
+    mask = masks.up_to_position(pos, cache.kv_len)  # [n, 1, 1, kv_len]: True = may attend
+    return model(tokens[:, None], attn_mask=mask, cache=cache)[:, -1]
 
 
 # --------------------------------------------------------------------------------------------------------
-# The two slot implementations the scheduler uses: prefill(slot, prompt), step(tokens, positions), move(...)
+# The two slot implementations the scheduler uses: prefill(slot, prompt), step(tokens), move(src, dst, length)
 
 
 class GenericSlots:
@@ -142,8 +155,8 @@ class GenericSlots:
     def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
         return prefill(self.model, self.cache, slot, prompt)
 
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return decode_step(self.model, self.cache, tokens, positions)
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return decode_step(self.model, self.cache, tokens)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.cache.move(src, dst, length)
@@ -178,34 +191,31 @@ class PreparedSlots:
         cos, sin = rope_cos_sin(torch.arange(max_len)[None], model.inv_freq)  # fp32
         half = cfg.head_dim // 2
         self.rot = torch.complex(cos[0, :, :half], sin[0, :, :half])  # [max_len, head_dim / 2]
-        self.key_pos = torch.arange(max_len)
+        self.lengths = [0] * n_slots  # filled positions per slot, as in SlotCache
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
-        """The general forward over the prompt (matrix-matrix products are its fast path), keys moved in."""
-        T = len(prompt)
-        if T == 0 or T > self.max_len:
-            raise ValueError(f"prompt of {T} tokens does not fit a slot of {self.max_len} positions")
-        cache = KVCache(self.cfg, 1, T, device="cpu", dtype=torch.float32)
-        logits = self.model(torch.tensor([prompt]), cache=cache)[0, -1]
-        for layer, kv in enumerate(self.kv):
-            kv[slot, 0, :, :T] = cache.k[layer][0][..., self.order]
-            kv[slot, 1, :, :T] = cache.v[layer][0]
+        """The general forward over the prompt, its keys and values moved into the slot."""
+        logits, layers = prefill_keys(self.model, prompt, self.order, self.max_len)
+        for kv, (k, v) in zip(self.kv, layers):
+            kv[slot, 0, :, :len(prompt)], kv[slot, 1, :, :len(prompt)] = k, v
+        self.lengths[slot] = len(prompt)
         return logits
 
     @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token for each of slots 0..n-1 at its own position; logits [n, vocab]."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of slots 0..n-1 at its slot's next position; logits [n, vocab]."""
         cfg, n = self.cfg, tokens.shape[0]
         H, KH, D, FF = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-        kv_len = int(positions.max()) + 1
+        kv_len = max(self.lengths[:n]) + 1
         if kv_len > self.max_len:
             raise ValueError(f"KV cache full: position {kv_len - 1} >= max_len {self.max_len}")
+        positions = torch.tensor(self.lengths[:n])
         rows = torch.arange(n)
         rot = self.rot[positions][:, None]  # [n, 1, D/2]: one rotation per row, broadcast over heads
         # Row i may attend to its keys 0..positions[i]; the query heads of a kv head ride along as SDPA's query
         # length (G of them), so grouped-query attention needs no copies of keys or values.
-        mask = (self.key_pos[:kv_len][None, :] <= positions[:, None])[:, None, None, :]  # [n, 1, 1, kv_len]
+        mask = masks.up_to_position(positions[:, None], kv_len)  # [n, 1, 1, kv_len]
         x = self.model.model.embed_tokens(tokens)
         for layer, kv in zip(self.layers, self.kv):
             qkv = _linear(layer.qkv, F.rms_norm(x, (cfg.dim,), eps=cfg.norm_eps))
@@ -223,13 +233,16 @@ class PreparedSlots:
             gu = _linear(layer.gate_up, F.rms_norm(x, (cfg.dim,), eps=cfg.norm_eps))
             x = _linear(layer.down, F.silu(gu[:, :FF]).mul_(gu[:, FF:]), add=x)
         h = F.rms_norm(x, (cfg.dim,), self.model.model.norm.weight, cfg.norm_eps)
+        for i in range(n):
+            self.lengths[i] += 1
         return self.model.lm_head(h) if self.head is None else _linear(self.head, h)
 
     def move(self, src: int, dst: int, length: int) -> None:
-        if src == dst or length == 0:
+        if src == dst:
             return
         for kv in self.kv:
             kv[dst, :, :, :length] = kv[src, :, :, :length]
+        self.lengths[dst] = length
 
 
 class _Rows:

@@ -277,9 +277,8 @@ class Scheduler:
     def _step(self) -> None:
         n = len(self._running)
         tokens = torch.tensor([s.last for s in self._running], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.length for s in self._running], dtype=torch.long, device=self.device)
         try:
-            logits = self.slots.step(tokens, positions)
+            logits = self.slots.step(tokens)  # each slot knows its own length
         except Exception as e:  # noqa: BLE001 - fail this batch's requests, keep serving
             for i in reversed(range(n)):
                 seq = self._running[i]

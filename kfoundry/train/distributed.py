@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from kfoundry.model.device import pick_device
+
 
 @dataclass
 class DistInfo:
@@ -58,10 +60,10 @@ def init_distributed(device_pref: str = "auto", timeout_minutes: float = 10.0) -
 
     `timeout_minutes` bounds how long a collective may wait (NCCL's watchdog kills the job after it). Data
     preparation is done before this is called (`wait_for_files`), so the timeout only has to cover training."""
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    picked = pick_device(device_pref)
     if not launched_by_torchrun():
-        dev = torch.device("cuda" if use_cuda else ("cpu" if device_pref == "auto" else device_pref))
-        return DistInfo(device=dev)
+        return DistInfo(device=picked)
+    use_cuda = picked.type == "cuda"  # one GPU per process (cuda:LOCAL_RANK); any other choice runs on the CPU
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local)
