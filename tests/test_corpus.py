@@ -159,7 +159,7 @@ def test_jsonl_counts_every_kind_of_bad_line(tmp_path, name):
     assert stats.dropped == Counter(JSONL_DROPS)
     assert stats.read == len(JSONL_LINES) - 1  # the blank line is not a record
     assert [d.text for d in docs] == ["대한민국 헌법 제1조", "The quick brown fox.", "한글 2026년 😀"]
-    assert [d.id for d in docs] == [f"{path}#1", f"{path}#2", f"{path}#3"]
+    assert [d.id for d in docs] == ["a", f"{path}#2", f"{path}#3"]  # a row's own id, else its position
     assert docs[0].meta == {"id": "a"} and docs[0].lang == "ko"
     assert docs[1].lang == "en-x"  # a tag from the source wins over the guess
     assert stats.examples["malformed_json"] == [f"{path}#4"]
@@ -488,7 +488,24 @@ def test_shared_nsmc_reviews_first_thousand(shared_data):
     assert_clean(docs)
     assert Counter(d.lang for d in docs)["ko"] > 900
     assert docs[0].meta["id"] == "10275182" and 1 <= docs[0].meta["rating"] <= 10
-    assert docs[0].id == f"{path}#1"
+    assert docs[0].id == "10275182"  # the row's own id names the document (not its file position)
+
+
+def test_a_rows_own_id_names_the_document_wherever_the_file_lies(tmp_path):
+    """The split hashes document ids, so a JSONL row's own string `id` must be the id: a copy of the same file
+    under another folder and name (another speedrun --out, another task count) splits the same way. Rows
+    without one (or with a non-string or empty id) keep their position PATH#LINE."""
+    rows = [{"id": "kr-0001", "text": "안녕하세요 👋"}, {"id": 7, "text": "Hello 123"},
+            {"id": "", "text": unicodedata.normalize("NFD", "한국어 문서")}, {"text": "no id"}]
+    body = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    a, b = tmp_path / "a" / "x.jsonl", tmp_path / "b" / "00001.jsonl"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text(body, encoding="utf-8")
+    da, db = read_all(str(a))[0], read_all(str(b))[0]
+    assert [d.id for d in da] == ["kr-0001", f"{a}#2", f"{a}#3", f"{a}#4"]
+    assert [d.id for d in db] == ["kr-0001", f"{b}#2", f"{b}#3", f"{b}#4"]
+    assert da[2].text == "한국어 문서" and da[0].meta["id"] == "kr-0001"
 
 
 def test_shared_chatbot_csv_by_column(shared_data):

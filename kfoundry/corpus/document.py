@@ -129,6 +129,11 @@ class Record:
     text: Any  # str | bytes | None | MISSING | anything a JSON/Parquet field may hold
     lang: str | None = None
     meta: dict = field(default_factory=dict)
+    where: str | None = None  # its position (PATH#LINE) when that is not its id: what drop examples name
+
+    @property
+    def location(self) -> str:
+        return self.where or self.id
 
 
 @dataclass
@@ -187,28 +192,28 @@ def finish(
 def _to_document(rec: Record, stats: CorpusStats, max_chars: int | None) -> Document | None:
     text = rec.text
     if text is MISSING or text is None:
-        stats.drop(MISSING_FIELD, rec.id)
+        stats.drop(MISSING_FIELD, rec.location)
         return None
     if isinstance(text, (bytes, bytearray)):  # e.g. a Parquet binary column
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError:
-            stats.drop(INVALID_UTF8, rec.id)
+            stats.drop(INVALID_UTF8, rec.location)
             return None
     if not isinstance(text, str):
-        stats.drop(NON_STRING_TEXT, rec.id)
+        stats.drop(NON_STRING_TEXT, rec.location)
         return None
     if _SURROGATE.search(text):
-        stats.drop(INVALID_UNICODE, rec.id)
+        stats.drop(INVALID_UNICODE, rec.location)
         return None
     normal = nfc(text)
     if not normal.strip():
-        stats.drop(EMPTY, rec.id)
+        stats.drop(EMPTY, rec.location)
         return None
     if normal is not text:
-        stats.change(NFC_CHANGED, rec.id)
+        stats.change(NFC_CHANGED, rec.location)
     if max_chars is not None and len(normal) > max_chars:
         normal = normal[:max_chars]
-        stats.change(TRUNCATED, rec.id)
+        stats.change(TRUNCATED, rec.location)
     lang = rec.lang if isinstance(rec.lang, str) and rec.lang else guess_lang(normal)
     return Document(text=normal, id=rec.id, source=rec.source, lang=lang, meta=rec.meta)

@@ -217,11 +217,18 @@ def _json_record(entry: FileEntry, raw: bytes, lineno: int) -> Record | Rejected
 
 
 def _row_record(entry: FileEntry, row: dict, where: str) -> Record:
-    """A record from one JSON object or table row: the text field, a string `lang`, the rest as meta."""
+    """A record from one JSON object or table row: the text field, a string `lang`, the rest as meta.
+
+    The document's id is the row's own non-empty string `id` when it has one (datasets carry ids, and curated
+    output keeps each document's original id), else its position `PATH#LINE`. The train/validation split
+    hashes the id, so a row's own id keeps the split the same when the files are moved, renamed or re-sharded
+    (a speedrun in another --out folder splits its curated corpus the same way)."""
     lang = row.get("lang")
+    own_id = row.get("id")
     meta = {str(k): json_safe(v) for k, v in row.items() if k not in (entry.field, "lang") and k is not None}
     return Record(
-        id=where,
+        id=own_id if isinstance(own_id, str) and own_id else where,
+        where=where,
         source=entry.path,
         text=row.get(entry.field, MISSING),
         lang=lang if isinstance(lang, str) else None,
