@@ -1,0 +1,81 @@
+"""The curation writers write exactly the records datatrove's JsonlWriter writes (tests for kfoundry.data.curate.io)."""
+
+from __future__ import annotations
+
+import gzip
+import unicodedata
+
+from datatrove.data import Document
+from datatrove.pipeline.writers.jsonl import JsonlWriter
+
+from kfoundry.data.curate.accounting import ExclusionRecorder, StepTally
+from kfoundry.data.curate.io import RankJsonlReader, _flat_without_shard, flat_record, ingest_writer, stage_writer
+
+TEXTS = ["전체관람가는 아닌것 같아요", "Hello, world! 123", "이모지 😀👍 와 숫자 42",
+         unicodedata.normalize("NFD", "한국어 NFD 텍스트"), "줄\n바꿈\t탭 \"따옴표\" \\ 역슬래시", "ünïcödé ß"]
+
+
+def _docs(n_shards: int = 3) -> list[Document]:
+    return [Document(text=t, id=f"d{i}", metadata={"source": "s", "lang_hint": "ko", "shard": f"{i % n_shards:05d}",
+                                                   "meta": {"rating": i, "nested": [1.5, None, "가"]}})
+            for i, t in enumerate(TEXTS * 3)]
+
+
+def _reference(folder, adapter, compression, filename):
+    ref = JsonlWriter(str(folder), output_filename=filename, compression=compression, adapter=adapter)
+    return ref
+
+
+def test_stage_and_ingest_writers_write_datatrove_bytes(tmp_path):
+    docs = _docs()
+    with stage_writer(tmp_path / "fast") as w:
+        for d in docs:
+            w.write(d, rank=2)
+    with _reference(tmp_path / "ref", flat_record, None, "${rank}.jsonl") as w:
+        for d in docs:
+            w.write(d, rank=2)
+    assert (tmp_path / "fast" / "00002.jsonl").read_bytes() == (tmp_path / "ref" / "00002.jsonl").read_bytes()
+
+    with ingest_writer(tmp_path / "ingest") as w:
+        for d in docs:
+            w.write(d, rank=0)
+    with _reference(tmp_path / "ingest_ref", _flat_without_shard, None, "${shard}.jsonl") as w:
+        for d in docs:
+            w.write(d, rank=0)
+    names = sorted(p.name for p in (tmp_path / "ingest").iterdir())
+    assert names == ["00000.jsonl", "00001.jsonl", "00002.jsonl"]
+    for name in names:
+        assert (tmp_path / "ingest" / name).read_bytes() == (tmp_path / "ingest_ref" / name).read_bytes()
+    # and the next stage reads back what was written, metadata included
+    back = list(RankJsonlReader(tmp_path / "ingest").run(rank=1))
+    assert [(d.id, d.text, d.metadata["meta"]) for d in back] == [
+        (d.id, d.text, d.metadata["meta"]) for d in docs if d.metadata["shard"] == "00001"]
+
+
+def test_compressed_writers_hold_the_same_records(tmp_path):
+    docs = _docs()
+    with stage_writer(tmp_path / "fast", compressed=True) as w:
+        for d in docs:
+            w.write(d, rank=0)
+    with _reference(tmp_path / "ref", flat_record, "gzip", "${rank}.jsonl.gz") as w:
+        for d in docs:
+            w.write(d, rank=0)
+    fast = gzip.decompress((tmp_path / "fast" / "00000.jsonl.gz").read_bytes())
+    assert fast == gzip.decompress((tmp_path / "ref" / "00000.jsonl.gz").read_bytes())
+    assert fast.count(b"\n") == len(docs)
+
+
+def test_exclusion_recorder_counts_and_writes_every_removal(tmp_path):
+    rec = ExclusionRecorder(str(tmp_path / "removed"), "quality", "quality")
+    rec.tally = tally = StepTally("quality")
+    docs = _docs()
+    with rec:
+        for i, d in enumerate(docs):
+            tally.enter(d)
+            d.metadata["filter_reason"] = "too_short" if i % 2 else None
+            rec.write(d, rank=1)
+    lines = gzip.decompress((tmp_path / "removed" / "00001.jsonl.gz").read_bytes()).decode("utf-8").splitlines()
+    assert len(lines) == len(docs)
+    assert tally.removed == {"too_short": [9, sum(len(d.text) for d in docs[1::2])],
+                             "quality": [9, sum(len(d.text) for d in docs[0::2])]}
+    assert '"removed_by":"quality"' in lines[0] and TEXTS[0] in lines[0]
