@@ -79,3 +79,24 @@ def test_exclusion_recorder_counts_and_writes_every_removal(tmp_path):
     assert tally.removed == {"too_short": [9, sum(len(d.text) for d in docs[1::2])],
                              "quality": [9, sum(len(d.text) for d in docs[0::2])]}
     assert '"removed_by":"quality"' in lines[0] and TEXTS[0] in lines[0]
+
+
+def test_lean_filter_keeps_and_excludes_what_datatrove_s_loop_does(tmp_path):
+    """LeanFilter.run (our steps' loop) against datatrove's BaseFilter.run on the same step: the same documents
+    kept, in order, and the same records handed to the exclusion writer."""
+    from datatrove.pipeline.filters.base_filter import BaseFilter
+
+    from kfoundry.data.curate.language import LanguageConfig, LanguageRouter
+    from kfoundry.data.curate.lean import LeanFilter
+
+    texts = TEXTS + ["", "日本語のテキスト", "12345 !!!", "Only English words here", "한국어 and English 반반"]
+    outputs = {}
+    for name, run in (("lean", LeanFilter.run), ("datatrove", BaseFilter.run)):
+        step = LanguageRouter(LanguageConfig(keep=["ko", "mixed"]))
+        step.exclusion_writer = stage_writer(tmp_path / name)
+        docs = [Document(text=t, id=f"d{i}", metadata={}) for i, t in enumerate(texts * 2)]
+        kept = [(d.id, d.metadata["lang"]) for d in run(step, iter(docs), rank=0)]
+        outputs[name] = (kept, (tmp_path / name / "00000.jsonl").read_bytes())
+    assert outputs["lean"] == outputs["datatrove"]
+    kept, removed = outputs["lean"]
+    assert 0 < len(kept) < len(texts) * 2 and removed.count(b'"filter_reason":"lang_') == len(texts) * 2 - len(kept)

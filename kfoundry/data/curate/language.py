@@ -23,8 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from datatrove.pipeline.filters.base_filter import BaseFilter
-
+from kfoundry.data.curate.lean import LeanFilter
 from kfoundry.text import HANGUL_LETTER
 
 ROUTES = ("ko", "mixed", "en", "other", "none")
@@ -83,7 +82,7 @@ def route(text: str, cfg: LanguageConfig) -> tuple[str, float, float]:
     return "other", hangul, latin
 
 
-class LanguageRouter(BaseFilter):
+class LanguageRouter(LeanFilter):
     """datatrove step: tags `lang`, `hangul_share`, `latin_share`; drops routes the recipe does not keep."""
 
     name = "🔤 Language routing (Hangul share)"

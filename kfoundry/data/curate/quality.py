@@ -54,6 +54,7 @@ from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 
+from kfoundry.data.curate.lean import LeanFilter
 from kfoundry.data.curate.words import KoreanWords, LatinWords, SpaceWords
 
 # Step name -> datatrove class, in the order the steps run.
@@ -203,7 +204,7 @@ _CLASSES = {"gopher_quality": ShortCircuitGopherQuality, "fineweb_quality": Shor
             "gopher_repetition": FastGopherRepetition}
 
 
-class ByLanguage(BaseFilter):
+class ByLanguage(LeanFilter):
     """One datatrove filter per language route; documents of a route without a filter pass unchanged."""
 
     def __init__(self, step: str, filters: dict[str, BaseFilter], exclusion_writer=None):
