@@ -22,26 +22,23 @@ def _docs(n_shards: int = 3) -> list[Document]:
 
 
 def _reference(folder, adapter, compression, filename):
-    ref = JsonlWriter(str(folder), output_filename=filename, compression=compression, adapter=adapter)
-    return ref
+    return JsonlWriter(str(folder), output_filename=filename, compression=compression, adapter=adapter)
+
+
+def _write_all(writer, docs, rank: int) -> None:
+    with writer as w:
+        for d in docs:
+            w.write(d, rank=rank)
 
 
 def test_stage_and_ingest_writers_write_datatrove_bytes(tmp_path):
     docs = _docs()
-    with stage_writer(tmp_path / "fast") as w:
-        for d in docs:
-            w.write(d, rank=2)
-    with _reference(tmp_path / "ref", flat_record, None, "${rank}.jsonl") as w:
-        for d in docs:
-            w.write(d, rank=2)
+    _write_all(stage_writer(tmp_path / "fast"), docs, rank=2)
+    _write_all(_reference(tmp_path / "ref", flat_record, None, "${rank}.jsonl"), docs, rank=2)
     assert (tmp_path / "fast" / "00002.jsonl").read_bytes() == (tmp_path / "ref" / "00002.jsonl").read_bytes()
 
-    with ingest_writer(tmp_path / "ingest") as w:
-        for d in docs:
-            w.write(d, rank=0)
-    with _reference(tmp_path / "ingest_ref", _flat_without_shard, None, "${shard}.jsonl") as w:
-        for d in docs:
-            w.write(d, rank=0)
+    _write_all(ingest_writer(tmp_path / "ingest"), docs, rank=0)
+    _write_all(_reference(tmp_path / "ingest_ref", _flat_without_shard, None, "${shard}.jsonl"), docs, rank=0)
     names = sorted(p.name for p in (tmp_path / "ingest").iterdir())
     assert names == ["00000.jsonl", "00001.jsonl", "00002.jsonl"]
     for name in names:
@@ -54,12 +51,8 @@ def test_stage_and_ingest_writers_write_datatrove_bytes(tmp_path):
 
 def test_compressed_writers_hold_the_same_records(tmp_path):
     docs = _docs()
-    with stage_writer(tmp_path / "fast", compressed=True) as w:
-        for d in docs:
-            w.write(d, rank=0)
-    with _reference(tmp_path / "ref", flat_record, "gzip", "${rank}.jsonl.gz") as w:
-        for d in docs:
-            w.write(d, rank=0)
+    _write_all(stage_writer(tmp_path / "fast", compressed=True), docs, rank=0)
+    _write_all(_reference(tmp_path / "ref", flat_record, "gzip", "${rank}.jsonl.gz"), docs, rank=0)
     fast = gzip.decompress((tmp_path / "fast" / "00000.jsonl.gz").read_bytes())
     assert fast == gzip.decompress((tmp_path / "ref" / "00000.jsonl.gz").read_bytes())
     assert fast.count(b"\n") == len(docs)
