@@ -11,7 +11,8 @@ from collections import Counter
 
 import pytest
 from datatrove.data import Document
-from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter
+from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
+from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
 from datatrove.utils.text import PUNCTUATION_SET
 
 from kfoundry.data.curate import builtin_recipes, load_recipe
@@ -20,13 +21,16 @@ from kfoundry.data.curate.decontam import Decontaminate, build_index
 from kfoundry.data.curate.language import LanguageConfig, latin_share, route, shares
 from kfoundry.data.curate.normalize import NormalizeConfig, normalize_text
 from kfoundry.data.curate.quality import (
+    FastGopherRepetition,
     ShortCircuitFineWebQuality,
     ShortCircuitGopherQuality,
+    all_duplicate_chars,
     build_quality_steps,
     max_words,
+    top_duplicate_chars,
 )
 from kfoundry.data.curate.recipe import recipe_from_dict
-from kfoundry.data.curate.words import KoreanWords, LatinWords
+from kfoundry.data.curate.words import KoreanWords, LatinWords, SpaceWords
 from kfoundry.text import hangul_share
 
 CONSTITUTION = (
@@ -93,15 +97,26 @@ def test_language_routes(mixed_texts):
     assert routes == ["ko", "en", "ko", "ko", "ko", "none"]  # half Hangul letters is still "ko"
 
 
+def _hangul_share_per_char(text: str) -> float:
+    """The per-character rule the regex of kfoundry.text.hangul_share replaced (the reference)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return 0.0
+    return sum(1 for c in letters if "\uac00" <= c <= "\ud7a3" or "\u1100" <= c <= "\u11ff"
+               or "\u3130" <= c <= "\u318f") / len(letters)
+
+
 def test_letter_shares_match_the_reference(mixed_texts):
-    """The regex counts of `shares` equal kfoundry.text.hangul_share and latin_share on every letter below
-    U+3190 (Latin, Greek, Cyrillic, CJK symbols, Hangul jamo and compatibility jamo), on syllables and mixed text."""
+    """The regex counts of `shares` and kfoundry.text.hangul_share equal the per-character rules on every
+    letter below U+3190 (Latin, Greek, Cyrillic, CJK symbols, Hangul jamo and compatibility jamo), on
+    syllables and mixed text."""
     singles = [chr(c) for c in range(0x20, 0x3190)] + ["가", "힣", "\ud7a4", "ㅋㅋ", "A"]
     texts = singles + [t for t in mixed_texts] + [CONSTITUTION, "ÀÉÎõü×÷ ß ɐ Ω Ж 漢字 ㄱㅏ \u1100\u1161 😀"]
     for t in texts:
         letters, hangul, latin = shares(t)
         assert letters == sum(c.isalpha() for c in t), t
         assert (hangul, latin) == ((hangul_share(t), latin_share(t)) if letters else (0.0, 0.0)), repr(t)
+        assert hangul_share(t) == _hangul_share_per_char(t), repr(t)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,6 +164,37 @@ def test_short_circuits_give_the_same_verdict(shared_data, mixed_texts):
     every = "".join(chr(c) for c in range(0x3190)) + "\u3000\u2028\u00a0…😀"
     for t in texts + [every]:  # the regex count is the per-character definition
         assert max_words(t) == sum(1 for c in t if c not in PUNCTUATION_SET and not c.isspace())
+
+
+def test_fast_repetition_statistics_are_datatrove_s(shared_data):
+    """FastGopherRepetition's n-gram statistics equal datatrove's functions on every n and its verdict and
+    reason equal GopherRepetitionFilter's, on NSMC reviews joined into long documents (Kiwi words), on texts
+    built to repeat (which fire every rule), and on word lists whose joins collide ("ab"+"c" = "a"+"bc")."""
+    import random
+
+    rng = random.Random(0)
+    with gzip.open(shared_data / "ko" / "nsmc" / "reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [t for t in (json.loads(line)["text"] for line in itertools.islice(f, 600)) if t.strip()]
+    vocab = ["a", "b", "ab", "c", "bc", "abc", "가", "나다", "😀", "", "가나"]
+    word_lists = [[rng.choice(vocab) for _ in range(rng.randrange(0, 60))] for _ in range(400)]
+    for words in word_lists:
+        for n in range(1, 12):
+            assert all_duplicate_chars(words, n) == find_all_duplicate(words, n), (words, n)
+            grams = get_n_grams(words, n)
+            assert top_duplicate_chars(words, n) == (find_top_duplicate(grams) if grams else None), (words, n)
+    ko_web = load_recipe("ko-web").quality.thresholds["ko"]["gopher_repetition"]
+    long_docs = ["\n".join(texts[i:i + 20]) for i in range(0, len(texts), 20)]
+    repeats = [" ".join(rng.choice(texts[:30]).split()[:k] * r) + " " + rng.choice(texts)
+               for k in (2, 3, 5, 8) for r in (2, 3, 6)]
+    repeats += ["\n".join([texts[i]] * 3 + texts[i + 1:i + 4]) for i in range(0, 40, 4)]
+    reasons = Counter()
+    for words, kwargs in ((KoreanWords(), ko_web), (SpaceWords(), ko_web), (SpaceWords(), {})):
+        fast, slow = FastGopherRepetition(language=words, **kwargs), GopherRepetitionFilter(language=words, **kwargs)
+        for t in long_docs + repeats + [" ".join(w) for w in word_lists[:100]]:
+            verdict = slow.filter(doc(t))
+            assert fast.filter(doc(t)) == verdict, t
+            reasons[verdict if verdict is True else verdict[1]] += 1
+    assert reasons[True] >= 20 and len(reasons) >= 5, reasons  # kept ones and several rules were exercised
 
 
 def test_short_doc_estimate_is_measured(shared_data):

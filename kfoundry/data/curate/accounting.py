@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.writers.jsonl import JsonlWriter
 
-from kfoundry.data.curate.io import flat_record
+from kfoundry.data.curate.io import FastJsonlWriter, flat_record
 from kfoundry.fileio import atomic_write_json
 
 EXAMPLES_PER_REASON = 3
@@ -105,12 +104,12 @@ class StepTally:
         }
 
 
-class ExclusionRecorder(JsonlWriter):
-    """A JSONL exclusion writer that also tells the step's tally why each document was removed."""
+class ExclusionRecorder(FastJsonlWriter):
+    """A JSONL exclusion writer (`<rank>.jsonl.gz`) that also tells the step's tally why each document was
+    removed."""
 
     def __init__(self, output_folder: str, step: str, default_reason: str):
-        super().__init__(output_folder, output_filename="${rank}.jsonl.gz", compression="gzip",
-                         adapter=flat_record)
+        super().__init__(output_folder, flat_record, compressed=True, gzip_level=1)
         self.step = step
         self.default_reason = default_reason
         self.tally: StepTally | None = None

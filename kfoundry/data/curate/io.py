@@ -13,18 +13,27 @@
   no file at all.
 - `stage_writer` writes `<rank>.jsonl` with metadata flattened into the record, which `RankJsonlReader`
   reads back unchanged.
+
+The writers here are `FastJsonlWriter`s: they write the same bytes as datatrove's `JsonlWriter`, without its
+per-document bookkeeping (two `Template.substitute` calls and document-length statistics for every record,
+which cost more than reading the corpus did: 3.6 CPU s per 100k NSMC reviews in the one-process ingest).
+The exclusion files are written at gzip level 1 instead of 9: a few percent larger files, the same
+records, and a fraction of the time on the ~650k removals of a web corpus.
 """
 
 from __future__ import annotations
 
+import gzip
 from collections import Counter
 from pathlib import Path
-from string import Template
+from typing import Any, Callable
 
 from datatrove.data import Document
+from datatrove.io import OutputFileManager
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
+from datatrove.utils.typeshelper import StatHints
 
 from kfoundry.fileio import atomic_write_json
 
@@ -86,6 +95,51 @@ def flat_record(_writer, document: Document) -> dict:
     return {"text": document.text, "id": document.id, **document.metadata}
 
 
+class _FastGzipFiles(OutputFileManager):
+    """datatrove's output file manager, opening gzip files at a chosen compression level (fsspec's is 9)."""
+
+    def __init__(self, fs, level: int):
+        super().__init__(fs, mode="wb", compression=None)
+        self.level = level
+        self._raw: list[Any] = []
+
+    def get_file(self, filename):
+        if filename not in self._output_files:
+            raw = self.fs.open(filename, mode="wb")
+            self._raw.append(raw)  # GzipFile(fileobj=...) does not close the file under it; close() does
+            self._output_files[filename] = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=self.level)
+        return self._output_files[filename]
+
+    def close(self):
+        super().close()
+        for raw in self._raw:
+            raw.close()
+        self._raw.clear()
+
+
+class FastJsonlWriter(JsonlWriter):
+    """datatrove's `JsonlWriter` with one file per task (`${rank}...`) or per `key(document)`, and no
+    per-document statistics beyond the count: the records written are byte for byte the same.
+
+    key: names the output file of each document (without the extension); default: the task's rank.
+    gzip_level: for `compressed` files; 9 is what datatrove writes, 1 is for the bulky exclusion files.
+    """
+
+    def __init__(self, folder: str | Path, adapter: Callable, compressed: bool = False,
+                 key: Callable[[Document], str] | None = None, gzip_level: int = 9):
+        ext = ".jsonl" + (".gz" if compressed else "")
+        super().__init__(str(folder), output_filename="${rank}" + ext, compression=None, adapter=adapter)
+        if compressed:
+            self.output_mg = _FastGzipFiles(self.output_folder, gzip_level)
+        self.ext = ext
+        self.key = key
+
+    def write(self, document: Document, rank: int = 0, **kwargs) -> None:
+        name = (self.key(document) if self.key else f"{rank:05d}") + self.ext
+        self._write(self.adapter(document), self.output_mg.get_file(name), name)
+        self.stat_update(StatHints.total)
+
+
 def _flat_without_shard(_writer, document: Document) -> dict:
     record = flat_record(_writer, document)
     record.pop("shard", None)
@@ -94,16 +148,11 @@ def _flat_without_shard(_writer, document: Document) -> dict:
 
 def ingest_writer(folder: str | Path) -> JsonlWriter:
     """Writes each document into the shard file its `shard` tag names (the tag itself is not written)."""
-    writer = JsonlWriter(str(folder), output_filename="${rank}.jsonl", compression=None, adapter=_flat_without_shard)
-    # The one ingest task writes every shard, so the file name comes from the document, not the rank (set
-    # after construction: datatrove warns about templates without ${rank}, which here is the point).
-    writer.output_filename = Template("${shard}.jsonl")
-    return writer
+    return FastJsonlWriter(folder, _flat_without_shard, key=lambda doc: doc.metadata["shard"])
 
 
 def stage_writer(folder: str | Path, compressed: bool = False) -> JsonlWriter:
-    return JsonlWriter(str(folder), output_filename="${rank}.jsonl" + (".gz" if compressed else ""),
-                       compression="gzip" if compressed else None, adapter=flat_record)
+    return FastJsonlWriter(folder, flat_record, compressed=compressed)
 
 
 class RankJsonlReader(JsonlReader):

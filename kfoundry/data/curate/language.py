@@ -23,9 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from datatrove.pipeline.filters.base_filter import BaseFilter
-
-from kfoundry.text import hangul_share
+from kfoundry.data.curate.lean import LeanFilter
+from kfoundry.text import HANGUL_LETTER
 
 ROUTES = ("ko", "mixed", "en", "other", "none")
 
@@ -55,10 +54,9 @@ def latin_share(text: str) -> float:
     return sum(1 for c in letters if c < "\u0250") / len(letters)
 
 
-# The letters that hangul_share and latin_share count, as character classes, so that one regex pass in C
-# counts them (a Python loop per character was most of this step's time). Every code point listed is a
-# letter (str.isalpha), so the counts equal those of the two functions above (tests/test_curate_steps.py).
-_HANGUL_LETTER = re.compile("[\uac00-\ud7a3\u1100-\u11ff\u3131-\u318e]")
+# The letters that latin_share counts, as a character class (Hangul: kfoundry.text.HANGUL_LETTER), so that
+# one regex pass in C counts them (a Python loop per character was most of this step's time). Every code
+# point listed is a letter (str.isalpha), so the counts equal those of latin_share (tests/test_curate_steps.py).
 _LATIN_LETTER = re.compile("[A-Za-z\u00aa\u00b5\u00ba\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f]")
 
 
@@ -67,7 +65,7 @@ def shares(text: str) -> tuple[int, float, float]:
     letters = sum(map(str.isalpha, text))
     if not letters:
         return 0, 0.0, 0.0
-    return letters, len(_HANGUL_LETTER.findall(text)) / letters, len(_LATIN_LETTER.findall(text)) / letters
+    return letters, len(HANGUL_LETTER.findall(text)) / letters, len(_LATIN_LETTER.findall(text)) / letters
 
 
 def route(text: str, cfg: LanguageConfig) -> tuple[str, float, float]:
@@ -84,7 +82,7 @@ def route(text: str, cfg: LanguageConfig) -> tuple[str, float, float]:
     return "other", hangul, latin
 
 
-class LanguageRouter(BaseFilter):
+class LanguageRouter(LeanFilter):
     """datatrove step: tags `lang`, `hangul_share`, `latin_share`; drops routes the recipe does not keep."""
 
     name = "🔤 Language routing (Hangul share)"

@@ -29,8 +29,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from datatrove.pipeline.filters.base_filter import BaseFilter
-
+from kfoundry.data.curate.lean import LeanFilter
 from kfoundry.text import hangul_share, nfc
 
 TOO_LONG, BINARY_JUNK, EMPTY, TOO_SHORT = "too_long", "binary_junk", "empty", "too_short"
@@ -132,7 +131,7 @@ def normalize_text(text: str, cfg: NormalizeConfig, changes: Counter | None = No
     return normal, None
 
 
-class Normalize(BaseFilter):
+class Normalize(LeanFilter):
     """datatrove step: rewrites `doc.text` in place, drops what cannot be text (see module docstring)."""
 
     name = "🧽 Normalize (kfoundry)"
