@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.config import DataConfig
+from kfoundry.extras import require
 
 
 def register(subparsers: Any) -> None:
@@ -93,7 +94,8 @@ def run_shard(args: argparse.Namespace) -> int:
         meta = write_shards(docs, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             shard_tokens=args.shard_tokens, stats=stats, config=config, overwrite=args.overwrite)
     else:
-        from kfoundry.data.shard_tasks import shard_corpus
+        require("data", "kfoundry data shard --tasks/--executor")
+        from kfoundry.data.shard_tasks import shard_corpus  # the [data] extra (datatrove executors)
 
         meta = shard_corpus(args.corpus, tok_dir, args.out, tasks=args.tasks, workers=args.workers,
                             executor=args.executor, executor_options=parse_options(args.executor_opt),

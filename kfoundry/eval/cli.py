@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from kfoundry.extras import require
+
 
 def _tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
@@ -61,6 +63,8 @@ def _eval(args) -> int:
         raise ValueError("kfoundry eval needs --model and --out")
     if args.ngram < 1:
         raise ValueError("--ngram must be at least 1")
+    if args.tasks or args.backend == "hf":
+        require("eval", "kfoundry eval --tasks")
     from kfoundry.eval.runner import EvalSpec, run_eval
 
     spec = EvalSpec(model=args.model, tasks=args.tasks, out=args.out, num_fewshot=args.num_fewshot, limit=args.limit,

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from kfoundry.extras import require
 from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
 
@@ -76,7 +77,8 @@ def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...] | None:
 
 
 def _serve(args) -> int:
-    from kfoundry.serve.app import ServeConfig, app_from_checkpoint
+    require("serve", "kfoundry serve")
+    from kfoundry.serve.app import ServeConfig, app_from_checkpoint  # the [serve] extra (FastAPI, uvicorn)
     from kfoundry.serve.server import serve
 
     path = Path(args.model)
