@@ -29,6 +29,7 @@ from kfoundry.config import ModelConfig, model_config_from_dict, to_dict
 from kfoundry.errors import CheckpointError
 from kfoundry.fileio import atomic_dir, atomic_write_json
 from kfoundry.model.llama import Transformer
+from kfoundry.tokenizer import KTokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -125,8 +126,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, check: b
 
 
 def load_tokenizer(path: str | Path):
-    from kfoundry.tokenizer import KTokenizer
-
     tok_dir = Path(path) / "tokenizer"
     if not tok_dir.is_dir():
         raise CheckpointError(f"{path} has no tokenizer/ directory")

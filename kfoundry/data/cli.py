@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.config import DataConfig
+from kfoundry.corpus import CorpusStats, iter_documents
+from kfoundry.data.prepare_cli import parse_options
+from kfoundry.data.shards import write_shards
 from kfoundry.extras import require
+from kfoundry.tokenizer import KTokenizer
 
 
 def register(subparsers: Any) -> None:
@@ -75,12 +79,6 @@ def _register_shard(data_sub: Any) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    # Imported here so `kfoundry --help` stays fast and other stages work while these modules are absent.
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.data.prepare_cli import parse_options
-    from kfoundry.data.shards import write_shards
-    from kfoundry.tokenizer import KTokenizer
-
     tok_dir = Path(args.tokenizer)
     if not tok_dir.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {tok_dir}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from kfoundry.eval.plugin import install_startup_hook
 from kfoundry.extras import require
 
 
@@ -55,8 +56,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args) -> int:
     if args.install_lm_eval_plugin:
-        from kfoundry.eval.plugin import install_startup_hook
-
         print(f"installed {install_startup_hook()}: `lm_eval --model kfoundry --model_args model=CKPT` now works")
         return 0
     if not args.model or not args.out:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from kfoundry.export.hf import export_hf
 from kfoundry.extras import require
 
 
@@ -24,8 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_hf(args) -> int:
-    from kfoundry.export.hf import export_hf
-
     out = export_hf(args.model, args.out, overwrite=args.overwrite)
     print(f"exported Hugging Face model to {out}")
     return 0

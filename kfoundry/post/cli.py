@@ -6,6 +6,11 @@ import argparse
 import json
 
 from kfoundry.config import STAGE_PRESETS, settings_table, stage_options
+from kfoundry.model.generate import SamplingParams
+from kfoundry.post.chat import chat_main
+from kfoundry.post.dpo import dpo, dpo_train_config
+from kfoundry.post.merge import merge
+from kfoundry.post.sft import sft, sft_train_config
 from kfoundry.train.cli import SETTINGS_EPILOG, add_resume_args, launch_torchrun
 from kfoundry.train.distributed import env_rank
 
@@ -89,8 +94,6 @@ def _common(args) -> dict:
 
 
 def _sft(args) -> int:
-    from kfoundry.post.sft import sft, sft_train_config
-
     if args.nproc is not None:
         return launch_torchrun(args.nproc, args.argv)
     tc = sft_train_config(args.preset, args.overrides)
@@ -101,8 +104,6 @@ def _sft(args) -> int:
 
 
 def _dpo(args) -> int:
-    from kfoundry.post.dpo import dpo, dpo_train_config
-
     if args.nproc is not None:
         return launch_torchrun(args.nproc, args.argv)
     tc = dpo_train_config(args.preset, args.overrides)
@@ -121,17 +122,12 @@ def _dpo(args) -> int:
 
 
 def _merge(args) -> int:
-    from kfoundry.post.merge import merge
-
     meta = merge(args.models, args.out, method=args.method, weights=args.weights, overwrite=args.overwrite)
     print(json.dumps({"checkpoint": args.out, "method": meta["method"], "weights": meta["weights"]}))
     return 0
 
 
 def _chat(args) -> int:
-    from kfoundry.model.generate import SamplingParams
-    from kfoundry.post.chat import chat_main
-
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     params.validate()

@@ -32,9 +32,14 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import torch
 from pathlib import Path
 from typing import Any
 
+import kfoundry
+from kfoundry.checkpoint import model_state, read_meta
+from kfoundry.config import to_dict
+from kfoundry.corpus import describe_sources
 from kfoundry.fileio import atomic_write_json, read_json, sha256_bytes, sha256_file
 from kfoundry.provenance import ledger
 
@@ -78,8 +83,6 @@ def state_digest(state: dict[str, Any]) -> str:
     Independent of file format, so the initial weights can be hashed without writing them anywhere, and anyone
     can rebuild them from the seed and check (see verify.py).
     """
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach()
@@ -110,8 +113,6 @@ def weights_digest(ckpt: str | Path) -> str | None:
 
 def code_version() -> dict[str, Any]:
     """kfoundry's version and, when it runs from a git checkout, the commit and whether the tree was modified."""
-    import kfoundry
-
     out: dict[str, Any] = {"kfoundry": kfoundry.__version__, "git_commit": None, "git_dirty": None}
     here = Path(kfoundry.__file__).resolve().parent
     try:
@@ -167,7 +168,6 @@ def parent_ref(path: str | Path) -> dict[str, Any]:
     ref["run_dir"] = str(rd) if entry else None
     ref["entry"] = entry["hash"] if entry else None
     if entry is None and p.is_dir():  # not in any ledger: keep what its meta.json says, marked as unverified
-        from kfoundry.checkpoint import read_meta
 
         meta = read_meta(p)
         ref["meta"] = {k: meta[k] for k in ("stage", "parent", "derived_from_external", "external_source")
@@ -204,9 +204,6 @@ def _latest(entries: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
 
 def record_init(run_dir: str | Path, model, *, seed: int, stage: str = "pretrain", **extra: Any) -> dict[str, Any]:
     """Random initialisation: what anyone needs to rebuild the very same starting weights and check them."""
-    from kfoundry.checkpoint import model_state
-    from kfoundry.config import to_dict
-
     cfg = to_dict(model.cfg)
     device = next(model.parameters()).device
     return ledger.record(run_dir, "init", stage=stage, **{"from": []}, seed=seed, model_config=cfg,
@@ -247,8 +244,6 @@ def record_data(run_dir: str | Path, shard_dir: str | Path, *, corpus: str | Non
     Idempotent: when the ledger already records these shards (same meta.json), that entry is returned, so a
     resumed run does not hash gigabytes again.
     """
-    from kfoundry.corpus import describe_sources
-
     run_dir, shard_dir = Path(run_dir), Path(shard_dir)
     meta_path = shard_dir / "meta.json"
     if not meta_path.is_file():
@@ -294,8 +289,6 @@ def record_checkpoint(ckpt: str | Path, *, run_dir: str | Path | None = None, **
     Idempotent for an unchanged checkpoint: recording the same directory with the same manifest twice returns
     the first entry.
     """
-    from kfoundry.checkpoint import read_meta
-
     ckpt = Path(ckpt).resolve()
     run_dir = Path(run_dir).resolve() if run_dir is not None else run_dir_of(ckpt)
     manifest = ckpt / MANIFEST

@@ -6,8 +6,10 @@ import argparse
 import os
 import sys
 import tempfile
+import torch
 from pathlib import Path
 
+from kfoundry.checkpoint import load_config, load_tokenizer
 from kfoundry.extras import require
 from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
@@ -97,8 +99,6 @@ def _serve(args) -> int:
         print(f"kfoundry serve: warning: --api-key is visible in the process list; prefer ${KEY_ENV} or "
               "--api-key-file", file=sys.stderr)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(model_name=args.model_name or path.resolve().name, api_key=api_key(args),
                       request_timeout=args.timeout, max_tokens=args.max_tokens,
@@ -126,7 +126,6 @@ def _serve(args) -> int:
 
 def _llama_cpp_app(path: Path, cfg, args, workdir: Path):
     """Our front over llama-server: export the checkpoint to GGUF (unless --gguf names one) and start it."""
-    from kfoundry.checkpoint import load_config, load_tokenizer
     from kfoundry.serve.app import create_app
     from kfoundry.serve.engines.llama_cpp import LlamaCppEngine
     from kfoundry.serve.engines.llama_server import find_llama_server

@@ -18,7 +18,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kfoundry.config import write_config
+from kfoundry.corpus import CorpusStats, iter_documents
+from kfoundry.fileio import atomic_dir, atomic_write_json
 from kfoundry.text import hangul_share, nfc
+from kfoundry.tokenizer.ktokenizer import KTokenizer, check_replaceable
+from kfoundry.tokenizer.stats import format_stats, tokenizer_stats
+from kfoundry.tokenizer.train import train_tokenizer
 
 # FLORES-200 file stems we recognise, and the short codes the stats use.
 FLORES_LANGS = {"kor_Hang": "ko", "eng_Latn": "en"}
@@ -52,12 +58,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kfoundry.config import write_config
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.fileio import atomic_dir, atomic_write_json
-    from kfoundry.tokenizer.ktokenizer import check_replaceable
-    from kfoundry.tokenizer.train import train_tokenizer
-
     out = Path(args.out)
     check_replaceable(out)  # before an hour of training, not after
     resolved = {
@@ -119,8 +119,6 @@ def file_language(lines: list[str]) -> str:
 
 
 def collect_stats(tok: Any, text_path: Path) -> dict[str, Any]:
-    from kfoundry.tokenizer.stats import tokenizer_stats
-
     if text_path.is_dir():
         by_lang = flores_texts(text_path)
         parallel = None
@@ -140,9 +138,6 @@ def collect_stats(tok: Any, text_path: Path) -> dict[str, Any]:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from kfoundry.tokenizer.ktokenizer import KTokenizer
-    from kfoundry.tokenizer.stats import format_stats
-
     tok = KTokenizer.load(args.tokenizer)
     stats = collect_stats(tok, Path(args.text))
     if args.json:

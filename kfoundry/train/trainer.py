@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm import tqdm
 
 from kfoundry import provenance
-from kfoundry.provenance import ledger
-from kfoundry.checkpoint import (Checkpointer, check_resumable, list_checkpoints, load_trainer_state, read_meta,
-                                 rng_state, set_rng_state)
+from kfoundry.checkpoint import (Checkpointer, check_resumable, find_resumable, list_checkpoints, load_trainer_state,
+                                 read_meta, rng_state, set_rng_state)
 from kfoundry.config import RunConfig, from_dict, to_dict, write_config
 from kfoundry.errors import CheckpointError, ConfigError
+from kfoundry.provenance import ledger
 from kfoundry.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, gather_objects, grad_norm,
                                         no_grad_sync, parallelize, scale_grads)
 from kfoundry.train.metrics import MetricsLog, median_tps
@@ -271,8 +272,6 @@ def open_run(out_dir: Path, settings: dict[str, Any], *, resume: str | None, inf
         found: Path | str | None = None
         if info.is_main:
             try:
-                from kfoundry.checkpoint import find_resumable
-
                 found = find_resumable(ckpt_root, log)
             except CheckpointError as e:
                 found = f"error:{e}"
@@ -456,8 +455,6 @@ class Trainer:
             else stage.source
         bar = None
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=tc.max_steps, initial=self.step, desc=stage.name, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
         names = step_sum_names(stage)
