@@ -19,6 +19,7 @@ from kfoundry.config import DataConfig
 from kfoundry.corpus import CorpusStats, iter_documents
 from kfoundry.data.prepare_cli import parse_options
 from kfoundry.data.shards import write_shards
+from kfoundry.errors import MissingPathError
 from kfoundry.extras import require
 from kfoundry.tokenizer import KTokenizer
 
@@ -81,7 +82,7 @@ def _register_shard(data_sub: Any) -> None:
 def run_shard(args: argparse.Namespace) -> int:
     tok_dir = Path(args.tokenizer)
     if not tok_dir.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {tok_dir}")
+        raise MissingPathError(f"tokenizer directory not found: {tok_dir}")
     tok = KTokenizer.load(tok_dir)
     stats = CorpusStats()
     # A bad spec raises CorpusError (a ValueError: one line, exit 2) here, before anything is written.

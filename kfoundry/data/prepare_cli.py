@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from kfoundry.data.recipe_names import builtin_recipes
+from kfoundry.errors import ConfigError
 from kfoundry.extras import require
 
 
@@ -51,7 +52,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--executor-opt expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--executor-opt expects KEY=VALUE, got {item!r}")
         opts[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
     return opts
 

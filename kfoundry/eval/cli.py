@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from kfoundry.errors import ConfigError
 from kfoundry.eval.plugin import install_startup_hook
 from kfoundry.extras import require
 
@@ -59,9 +60,9 @@ def _eval(args) -> int:
         print(f"installed {install_startup_hook()}: `lm_eval --model kfoundry --model_args model=CKPT` now works")
         return 0
     if not args.model or not args.out:
-        raise ValueError("kfoundry eval needs --model and --out")
+        raise ConfigError("kfoundry eval needs --model and --out")
     if args.ngram < 1:
-        raise ValueError("--ngram must be at least 1")
+        raise ConfigError("--ngram must be at least 1")
     if args.tasks or args.backend == "hf":
         require("eval", "kfoundry eval --tasks")
     from kfoundry.eval.runner import EvalSpec, run_eval

@@ -10,6 +10,7 @@ import torch
 from pathlib import Path
 
 from kfoundry.checkpoint import load_config, load_tokenizer
+from kfoundry.errors import ConfigError, MissingPathError
 from kfoundry.extras import require
 from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
@@ -61,11 +62,11 @@ def api_key(args) -> str | None:
     """The key from --api-key-file, --api-key or $KFOUNDRY_API_KEY (in that order); None when none is set."""
     if args.api_key_file is not None:
         if not args.api_key_file.is_file():
-            raise FileNotFoundError(f"--api-key-file: no such file: {args.api_key_file}")
+            raise MissingPathError(f"--api-key-file: no such file: {args.api_key_file}")
         lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
         key = lines[0].strip() if lines else ""
         if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file}: the first line is empty")
+            raise ConfigError(f"--api-key-file {args.api_key_file}: the first line is empty")
         return key
     return args.api_key or os.environ.get(KEY_ENV) or None
 
@@ -85,16 +86,16 @@ def _serve(args) -> int:
 
     path = Path(args.model)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise MissingPathError(f"checkpoint directory not found: {path}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     for name, value in (("--max-batch", args.max_batch), ("--timeout", args.timeout), ("--threads", args.threads or 1),
                         ("--max-connections", args.max_connections), ("--header-timeout", args.header_timeout),
                         ("--body-timeout", args.body_timeout)):
         if value <= 0:
-            raise ValueError(f"{name} must be positive")
+            raise ConfigError(f"{name} must be positive")
     if args.shutdown_grace < 0:
-        raise ValueError("--shutdown-grace must be >= 0")
+        raise ConfigError("--shutdown-grace must be >= 0")
     if args.api_key is not None:
         print(f"kfoundry serve: warning: --api-key is visible in the process list; prefer ${KEY_ENV} or "
               "--api-key-file", file=sys.stderr)
@@ -131,7 +132,7 @@ def _llama_cpp_app(path: Path, cfg, args, workdir: Path):
     from kfoundry.serve.engines.llama_server import find_llama_server
 
     if args.quantize:
-        raise ValueError("--quantize is for the torch engine; with llama.cpp choose --gguf-type q8_0 or q4_0")
+        raise ConfigError("--quantize is for the torch engine; with llama.cpp choose --gguf-type q8_0 or q4_0")
     binary = find_llama_server(args.llama_server)  # before a possibly long export: fail fast without a binary
     gguf = Path(args.gguf) if args.gguf else None
     if gguf is None:
@@ -139,7 +140,7 @@ def _llama_cpp_app(path: Path, cfg, args, workdir: Path):
 
         gguf = export_gguf(path, workdir / f"model-{args.gguf_type}.gguf", out_type=args.gguf_type).path
     elif not gguf.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf}")
+        raise MissingPathError(f"GGUF file not found: {gguf}")
     tokenizer, model_cfg = load_tokenizer(path), load_config(path)
     engine = LlamaCppEngine(gguf, max_len=model_cfg.max_seq_len, max_batch=args.max_batch, max_queue=args.max_queue,
                             threads=args.threads, binary=binary,
