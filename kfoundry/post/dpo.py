@@ -37,7 +37,6 @@ from safetensors.torch import load_file, save_file
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import STAGE_PRESETS, DataConfig, RunConfig, TrainConfig, complete, validate_options
-from kfoundry.errors import ConfigError
 from kfoundry.fileio import read_json, sha256_file
 from kfoundry.model.llama import Transformer
 from kfoundry.post.chat_format import normalize_messages, render_many, render_text
