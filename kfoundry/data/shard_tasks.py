@@ -37,7 +37,6 @@ from typing import Any
 from datatrove.pipeline.base import PipelineStep
 
 from kfoundry.corpus import CorpusStats, file_specs, iter_documents
-from kfoundry.data.curate.stages import Plan, Stage, check_executor, make_executors, run_local
 from kfoundry.data.shards import (STREAM_FILE, check_settings, encode_unit, finished_units, merge_parts, tokenizer_info,
                                   unit_key)
 from kfoundry.fileio import atomic_write_json, read_json
@@ -165,6 +164,10 @@ def shard_stages(spec: str, tokenizer_dir: str | Path, work_dir: Path, out_dir: 
                  gate: str | Path | None = None):
     """The `encode` and `shards` stages (kfoundry.data.curate.stages.Stage) for a plan; with `gate`, they do
     nothing when that JSON file says `"shards": false`."""
+    # Imported here, not at the top: the kfoundry.data.curate package imports its `prepare`, which imports this
+    # module, so a top-level import of curate.stages from here would be a cycle at import time.
+    from kfoundry.data.curate.stages import Stage
+
     parts = work_dir / "parts"
     encode = EncodeShards(spec, tokenizer_dir, parts, val_fraction=val_fraction, seed=seed,
                           max_chars_per_doc=max_chars_per_doc, block_docs=block_docs, gate=gate)
@@ -184,6 +187,8 @@ def shard_corpus(spec: str, tokenizer_dir: str | Path, out_dir: str | Path, *, t
     Work files and datatrove logs live in `OUT.work/` beside the output; a killed run resumes from the units
     it finished when run again with the same settings, and the folder is removed after a local success.
     """
+    from kfoundry.data.curate.stages import Plan, check_executor, make_executors, run_local  # see shard_stages
+
     check_executor(executor, executor_options)
     if tasks < 1 or workers < 1:
         raise ValueError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
