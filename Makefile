@@ -18,7 +18,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/python -m pip install -q "$(strip $(TORCH_PIN))"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install -q -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m pip install -q -e ".[all,test]"  # every extra (kfoundry/extras.py) and the test tools
 	$(BIN)/kfoundry eval --install-lm-eval-plugin >/dev/null  # `lm_eval --model kfoundry` (lm-eval 0.4 has no plugin discovery)
 	PY=$(BIN)/python JOBS=$(JOBS) QUICK=$(LLAMA_SERVER_QUICK) scripts/build_llama_server.sh $(BIN)  # `kfoundry serve --engine llama.cpp`; cached per machine
 

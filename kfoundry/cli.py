@@ -1,17 +1,25 @@
 """The one entry point, `kfoundry`. Each stage registers its own subcommands; this file only wires them.
 
 A stage module exposes `register(subparsers)`, which adds its parser(s) and sets `func=<callable(args)>`
-as a default. The callable returns an exit code (or None for 0). Errors a user can fix (a missing path,
-an unknown spec, a bad override) are raised as `UserError`, `FileNotFoundError` or `ValueError` and
-printed as one line; anything else is a bug and keeps its traceback.
+as a default. The callable returns an exit code (or None for 0).
+
+Errors a user can fix (a bad setting, a missing path, a broken checkpoint, a missing optional package) are
+`KFoundryError`s (errors.py) and are printed as one line, exit code 2. Anything else is a bug, or a failure
+inside a library we call, and keeps its full traceback: a `ValueError` raised inside torch or numpy is not a
+message meant for the user. Until every check in the package raises a `KFoundryError`, a plain `ValueError` /
+`FileNotFoundError` that kfoundry's own code raised on purpose (a `raise ...(...)` statement in a kfoundry module)
+is still printed in one line (`_raised_by_kfoundry`). `KFOUNDRY_DEBUG=1` shows the traceback of everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import linecache
 import os
+import re
 import sys
+from pathlib import Path
 
 from kfoundry.errors import KFoundryError
 
@@ -29,12 +37,37 @@ STAGE_MODULES = [
     "kfoundry.post.distill_cli",
     "kfoundry.serve_cli",
     "kfoundry.provenance.cli",
+    "kfoundry.config_cli",
     "kfoundry.doctor",
 ]
 
 
-class UserError(Exception):
-    """An error the user can fix; printed without a traceback."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+_RAISE = re.compile(r"raise\s+[A-Za-z_][\w.]*\(")
+# Exceptions kfoundry's own checks raised before the KFoundryError family existed (see _raised_by_kfoundry).
+LEGACY_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _raised_by_kfoundry(e: BaseException) -> bool:
+    """True when the innermost frame of `e` is a `raise Name(...)` statement in a kfoundry module: a message we
+    wrote for the user. False when it came from inside another library (torch, numpy, the standard library) or
+    from a failing call in our code (`int("x")`), which are bugs and keep their traceback."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    try:
+        ours = Path(filename).resolve().is_relative_to(PACKAGE_DIR)
+    except OSError:
+        return False
+    return ours and bool(_RAISE.match(linecache.getline(filename, tb.tb_lineno).strip()))
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Printed in one line (True) or with its traceback (False)."""
+    return isinstance(e, KFoundryError) or (isinstance(e, LEGACY_USER_ERRORS) and _raised_by_kfoundry(e))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except (KFoundryError, UserError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        if os.environ.get("KFOUNDRY_DEBUG"):
+    except Exception as e:
+        if os.environ.get("KFOUNDRY_DEBUG") or not is_user_error(e):
             raise
         print(f"kfoundry: error: {e}", file=sys.stderr)
         return 2

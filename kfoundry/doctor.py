@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from kfoundry.corpus.starter import konlpy_corpus_dir  # locates konlpy's files without importing konlpy
 from kfoundry.eval.plugin import PTH_NAME  # a constant; the plugin module imports only the standard library
+from kfoundry.extras import EXTRAS, PURPOSE, install_hint, installed, missing
 
 
 @dataclass
@@ -68,7 +68,7 @@ def check_torch() -> list[Check]:
 
 def check_module(name: str, dist: str, disables: str, required: bool = False) -> Check:
     """A Python package located without importing it (several pull in heavy native code at import)."""
-    if importlib.util.find_spec(name) is None:
+    if not installed(name):
         return Check(dist, False, "not installed", disables, required)
     return Check(dist, True, _version(dist) or "installed (version unknown)", disables, required)
 
@@ -86,7 +86,7 @@ def check_konlpy_data() -> Check:
 def check_llama_cpp() -> Check:
     disables = ("the llama.cpp proof of GGUF exports (speedrun's llama.cpp sample, tests/test_gguf*); "
                 "`export gguf` itself still writes the file")
-    if importlib.util.find_spec("llama_cpp") is None:
+    if not installed("llama_cpp"):
         return Check("llama.cpp", False, "llama-cpp-python not installed (it compiles llama.cpp: cmake and a C++ "
                      "compiler, several minutes; see docs/install.md)", disables)
     return Check("llama.cpp", True, f"llama-cpp-python {_version('llama_cpp_python') or '?'}", disables)
@@ -119,6 +119,17 @@ def check_shared_data() -> Check:
     return Check("shared data", False, f"{root} not found (set KFOUNDRY_SHARED_DATA)", disables)
 
 
+def check_extras() -> list[Check]:
+    """One line per optional extra (pyproject's [data], [eval], [serve], [export]): complete, or what is missing
+    and the install line."""
+    checks = []
+    for extra in EXTRAS:
+        absent = missing(extra)
+        detail = "installed" if not absent else f"missing {', '.join(absent)} ({install_hint(extra)})"
+        checks.append(Check(f"extra [{extra}]", not absent, detail, PURPOSE[extra]))
+    return checks
+
+
 def run_checks() -> list[Check]:
     checks = check_torch()
     checks += [
@@ -139,7 +150,7 @@ def run_checks() -> list[Check]:
         check_module("ray", "ray", "`data prepare --executor ray`"),
         check_shared_data(),
     ]
-    return checks
+    return checks + check_extras()
 
 
 def format_checks(checks: list[Check]) -> str:

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 from kfoundry.config import RunConfig
+from kfoundry.corpus import CorpusStats, iter_documents
+from kfoundry.corpus.chunk import split_long_documents
+from kfoundry.data.shards import write_shards
+from kfoundry.provenance import record_data
+from kfoundry.tokenizer import KTokenizer, train_tokenizer
 
 
 def ensure_tokenizer(run_dir: Path, cfg: RunConfig, log=lambda m: print(m, file=sys.stderr)) -> Path:
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.tokenizer import train_tokenizer
-
     tok_dir = Path(run_dir) / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         return tok_dir
@@ -27,11 +29,6 @@ def ensure_tokenizer(run_dir: Path, cfg: RunConfig, log=lambda m: print(m, file=
 
 
 def ensure_shards(run_dir: Path, cfg: RunConfig, tok_dir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.corpus.chunk import split_long_documents
-    from kfoundry.data.shards import write_shards
-    from kfoundry.tokenizer import KTokenizer
-
     shard_dir = Path(run_dir) / "shards"
     if (shard_dir / "meta.json").is_file():
         return shard_dir
@@ -42,7 +39,6 @@ def ensure_shards(run_dir: Path, cfg: RunConfig, tok_dir: Path, log=lambda m: pr
     docs = split_long_documents(docs, d.split_chars, stats)
     write_shards(docs, KTokenizer.load(tok_dir), shard_dir, val_fraction=d.val_fraction, seed=cfg.train.seed,
                  stats=stats)
-    from kfoundry.provenance import record_data
 
     record_data(run_dir, shard_dir, corpus=d.corpus, tokenizer_dir=tok_dir)  # shard hashes, sources, licences
     return shard_dir

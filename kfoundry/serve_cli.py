@@ -13,8 +13,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from kfoundry.checkpoint import load_config, load_tokenizer
+from kfoundry.errors import ConfigError, MissingPathError
 from kfoundry.export.gguf import export_gguf
 from kfoundry.export.hf import export_hf
+from kfoundry.extras import require
 from kfoundry.serve.engines import ENGINES
 from kfoundry.serve.hosts import LOOPBACK_NAMES, is_loopback
 
@@ -72,11 +77,11 @@ def api_key(args) -> str | None:
     """The key from --api-key-file, --api-key or $KFOUNDRY_API_KEY (in that order); None when none is set."""
     if args.api_key_file is not None:
         if not args.api_key_file.is_file():
-            raise FileNotFoundError(f"--api-key-file: no such file: {args.api_key_file}")
+            raise MissingPathError(f"--api-key-file: no such file: {args.api_key_file}")
         lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
         key = lines[0].strip() if lines else ""
         if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file}: the first line is empty")
+            raise ConfigError(f"--api-key-file {args.api_key_file}: the first line is empty")
         return key
     return args.api_key or os.environ.get(KEY_ENV) or None
 
@@ -90,27 +95,26 @@ def allowed_hosts(host: str, extra: list[str]) -> tuple[str, ...] | None:
 
 
 def _serve(args) -> int:
-    from kfoundry.serve.app import ServeConfig
+    require("serve", "kfoundry serve")
+    from kfoundry.serve.app import ServeConfig  # the [serve] extra (FastAPI, uvicorn)
     from kfoundry.serve.server import serve
 
     path = Path(args.model)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+        raise MissingPathError(f"checkpoint directory not found: {path}")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+        raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     for name, value in (("--max-batch", args.max_batch), ("--timeout", args.timeout), ("--threads", args.threads or 1),
                         ("--max-connections", args.max_connections), ("--header-timeout", args.header_timeout),
                         ("--body-timeout", args.body_timeout)):
         if value <= 0:
-            raise ValueError(f"{name} must be positive")
+            raise ConfigError(f"{name} must be positive")
     if args.shutdown_grace < 0:
-        raise ValueError("--shutdown-grace must be >= 0")
+        raise ConfigError("--shutdown-grace must be >= 0")
     if args.api_key is not None:
         print(f"kfoundry serve: warning: --api-key is visible in the process list; prefer ${KEY_ENV} or "
               "--api-key-file", file=sys.stderr)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     cfg = ServeConfig(model_name=args.model_name or path.resolve().name, api_key=api_key(args),
                       request_timeout=args.timeout, max_tokens=args.max_tokens,
@@ -143,16 +147,15 @@ def engine_app(path: Path, cfg, workdir: Path, *, engine: str = "torch", max_bat
     """The app over `engine` for checkpoint `path`, and the started engine (the caller stops it). llama.cpp
     exports the checkpoint to GGUF in `workdir` unless `gguf` names an export; vLLM exports it to Hugging Face
     unless `hf_dir` names one. A missing binary or package fails in one line before any export."""
-    from kfoundry.checkpoint import load_config, load_tokenizer
-    from kfoundry.serve.app import app_from_checkpoint, create_app
+    from kfoundry.serve.app import app_from_checkpoint, create_app  # the [serve] extra (FastAPI)
 
     if engine == "torch":
         return app_from_checkpoint(path, cfg, device=device, max_batch=max_batch, max_queue=max_queue,
                                    quantize=quantize)
     if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
+        raise ConfigError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     if quantize:
-        raise ValueError(f"--quantize is for the torch engine; {engine} has its own quantized formats")
+        raise ConfigError(f"--quantize is for the torch engine; {engine} has its own quantized formats")
     tokenizer, model_cfg = load_tokenizer(path), load_config(path)
     common = {"max_len": model_cfg.max_seq_len, "max_batch": max_batch, "max_queue": max_queue,
               "banned_ids": range(tokenizer.vocab_size, model_cfg.vocab_size)}
@@ -164,7 +167,7 @@ def engine_app(path: Path, cfg, workdir: Path, *, engine: str = "torch", max_bat
         if gguf is None:
             gguf = export_gguf(path, workdir / f"model-{gguf_type}.gguf", out_type=gguf_type).path
         elif not Path(gguf).is_file():
-            raise FileNotFoundError(f"GGUF file not found: {gguf}")
+            raise MissingPathError(f"GGUF file not found: {gguf}")
         server = LlamaCppEngine(gguf, threads=threads, binary=binary, **common)
     else:
         from kfoundry.serve.engines.vllm import VllmEngine, find_vllm

@@ -32,7 +32,7 @@ from kfoundry.fileio import atomic_write_json
 
 
 class Checkpointer:
-    def __init__(self, ckpt_root: str | Path, *, sharded: bool = False, keep_last: int = 2,
+    def __init__(self, ckpt_root: str | Path, *, sharded: bool = False, keep_last: int | None = 2,
                  async_save: bool = False, is_main: bool = True,
                  on_saved: Callable[[Path], None] | None = None) -> None:
         """`on_saved(path)` runs on the main rank when a checkpoint is complete (the trainer records it in the

@@ -67,11 +67,12 @@ def find_resumable(ckpt_root: str | Path, log: Callable[[str], None] = print) ->
     return None
 
 
-def prune_checkpoints(ckpt_root: str | Path, keep: int, protect: Path | None = None) -> None:
-    """Keep the newest `keep` checkpoints (never `protect`, the one just written) and remove write leftovers."""
+def prune_checkpoints(ckpt_root: str | Path, keep: int | None, protect: Path | None = None) -> None:
+    """Keep the newest `keep` checkpoints (all when None; never `protect`, the one just written) and remove write
+    leftovers."""
     ckpt_root = Path(ckpt_root)
     existing = list_checkpoints(ckpt_root)
-    if keep > 0:
+    if keep:
         for old in existing[:-keep]:
             if protect is None or old.resolve() != Path(protect).resolve():
                 shutil.rmtree(old, ignore_errors=True)

@@ -30,6 +30,7 @@ from kfoundry.errors import CheckpointError
 from kfoundry.fileio import atomic_dir, atomic_write_json
 from kfoundry.model.device import pick_device
 from kfoundry.model.llama import Transformer
+from kfoundry.tokenizer import KTokenizer
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -128,8 +129,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", *, check: b
 
 
 def load_tokenizer(path: str | Path):
-    from kfoundry.tokenizer import KTokenizer
-
     tok_dir = Path(path) / "tokenizer"
     if not tok_dir.is_dir():
         raise CheckpointError(f"{path} has no tokenizer/ directory")

@@ -14,6 +14,10 @@ import argparse
 import json
 import sys
 
+from kfoundry.checkpoint import read_meta
+from kfoundry.convert.import_hf import import_hf
+from kfoundry.convert.upscale import upscale_checkpoint
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("upscale", help="grow a checkpoint by depth up-scaling (SOLAR)")
@@ -37,9 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _upscale(args) -> int:
-    from kfoundry.checkpoint import read_meta
-    from kfoundry.convert.upscale import upscale_checkpoint
-
     out = upscale_checkpoint(args.model, args.out, drop=args.drop, layers=args.layers, overwrite=args.overwrite)
     info = read_meta(out)["upscale"]
     print(json.dumps({"checkpoint": str(out), "parent_layers": info["parent_layers"], "layers": info["layers"],
@@ -48,8 +49,6 @@ def _upscale(args) -> int:
 
 
 def _import_hf(args) -> int:
-    from kfoundry.convert.import_hf import import_hf
-
     out, note = import_hf(args.model, args.out, tokenizer=args.tokenizer, overwrite=args.overwrite)
     if note:
         print(f"kfoundry: note: no tokenizer attached: {note}; pass --tokenizer DIR to attach a kfoundry tokenizer",

@@ -34,9 +34,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
+from kfoundry.checkpoint import save_checkpoint
 from kfoundry.config import ModelConfig
 from kfoundry.fileio import read_json, sha256_bytes, sha256_file
+from kfoundry.model.llama import Transformer
+from kfoundry.provenance import record_checkpoint
+from kfoundry.tokenizer import KTokenizer
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 SAFE_WEIGHTS = "model.safetensors"
@@ -184,8 +189,6 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: s
     Names are identical (ours follow LlamaForCausalLM). A tied model stores the head once (as the embedding);
     a source that also stores `lm_head.weight` for a tied config must store the same matrix.
     """
-    from kfoundry.model.llama import Transformer
-
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     state = {k: v for k, v in tensors.items() if not k.endswith(DERIVED_KEY_SUFFIXES)}
@@ -210,10 +213,6 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: s
 
 def _compatible_tokenizer(hf_dir: Path, tokenizer: str | Path | None, vocab_size: int):
     """(KTokenizer or None, why there is none). An explicit tokenizer must load; the source's own is optional."""
-    from tokenizers import Tokenizer
-
-    from kfoundry.tokenizer import KTokenizer
-
     if tokenizer is not None:
         tok = KTokenizer.load(tokenizer)
     elif (hf_dir / "tokenizer.json").is_file():
@@ -236,10 +235,6 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tokenizer: str | Path | No
     Returns (checkpoint path, note): the note says why no tokenizer was attached, or is None when one was.
     Raises UnsupportedConfigError (a ValueError) for a config our model cannot represent exactly.
     """
-    from kfoundry.checkpoint import save_checkpoint
-    from kfoundry.model.llama import Transformer
-    from kfoundry.provenance import record_checkpoint
-
     hf_dir = Path(hf_dir)
     if Path(out).exists() and not overwrite:
         raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")

@@ -45,9 +45,10 @@ def _pieces(text: str, max_chars: int) -> list[str]:
     return [p for p in (x.strip() for x in out) if p]
 
 
-def split_long_documents(docs: Iterable[Document], max_chars: int, stats: CorpusStats | None = None) -> Iterator[Document]:
-    """Yield documents unchanged when short enough, else their pieces (counted as changed["split"])."""
-    if max_chars <= 0:
+def split_long_documents(docs: Iterable[Document], max_chars: int | None, stats: CorpusStats | None = None) -> Iterator[Document]:
+    """Yield documents unchanged when short enough, else their pieces (counted as changed["split"]). None: never
+    split."""
+    if not max_chars:
         yield from docs
         return
     for doc in docs:

@@ -33,6 +33,8 @@ import csv
 import gzip
 import json
 import os
+import pyarrow as pa
+import pyarrow.parquet as pq
 import sys
 import zlib
 from collections import Counter
@@ -40,18 +42,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Iterator
 
-from kfoundry.corpus.document import (
-    INVALID_UTF8,
-    MALFORMED_JSON,
-    MISSING,
-    MISSING_COLUMN,
-    NOT_AN_OBJECT,
-    UNREADABLE_FILE,
-    CorpusError,
-    Record,
-    Rejected,
-    json_safe,
-)
+from kfoundry.corpus.document import (INVALID_UTF8, MALFORMED_JSON, MISSING, MISSING_COLUMN, NOT_AN_OBJECT,
+                                      UNREADABLE_FILE, CorpusError, Record, Rejected, json_safe)
 from kfoundry.corpus.spec import PathSource
 
 # Longest suffix first, so "x.jsonl.gz" is not taken for an unknown ".gz".
@@ -269,9 +261,6 @@ def _has_surrogate(text: str) -> bool:
 
 
 def _read_parquet(entry: FileEntry) -> Iterator[Record | Rejected]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     row_no = 0
     try:
         pf = pq.ParquetFile(entry.path)

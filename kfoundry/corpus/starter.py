@@ -24,6 +24,7 @@ import importlib.util
 import itertools
 import re
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Iterator
 
 from kfoundry.corpus.document import CorpusError, Record
@@ -110,8 +111,6 @@ def bill_records(folder: Path) -> list[Record]:
 
 
 def pydoc_records() -> list[Record]:
-    from pydoc_data.topics import topics
-
     return [_starter_record("pydoc", key, topics[key].rstrip(), {"topic": key}) for key in sorted(topics)]
 
 

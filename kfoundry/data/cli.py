@@ -16,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.config import DataConfig
+from kfoundry.corpus import CorpusStats, iter_documents
+from kfoundry.data.prepare_cli import parse_options
+from kfoundry.data.shards import write_shards
+from kfoundry.errors import MissingPathError
+from kfoundry.extras import require
+from kfoundry.tokenizer import KTokenizer
 
 
 def register(subparsers: Any) -> None:
@@ -74,15 +80,9 @@ def _register_shard(data_sub: Any) -> None:
 
 
 def run_shard(args: argparse.Namespace) -> int:
-    # Imported here so `kfoundry --help` stays fast and other stages work while these modules are absent.
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.data.prepare_cli import parse_options
-    from kfoundry.data.shards import write_shards
-    from kfoundry.tokenizer import KTokenizer
-
     tok_dir = Path(args.tokenizer)
     if not tok_dir.is_dir():
-        raise FileNotFoundError(f"tokenizer directory not found: {tok_dir}")
+        raise MissingPathError(f"tokenizer directory not found: {tok_dir}")
     tok = KTokenizer.load(tok_dir)
     stats = CorpusStats()
     # A bad spec raises CorpusError (a ValueError: one line, exit 2) here, before anything is written.
@@ -93,7 +93,8 @@ def run_shard(args: argparse.Namespace) -> int:
         meta = write_shards(docs, tok, args.out, val_fraction=args.val_fraction, seed=args.seed,
                             shard_tokens=args.shard_tokens, stats=stats, config=config, overwrite=args.overwrite)
     else:
-        from kfoundry.data.shard_tasks import shard_corpus
+        require("data", "kfoundry data shard --tasks/--executor")
+        from kfoundry.data.shard_tasks import shard_corpus  # the [data] extra (datatrove executors)
 
         meta = shard_corpus(args.corpus, tok_dir, args.out, tasks=args.tasks, workers=args.workers,
                             executor=args.executor, executor_options=parse_options(args.executor_opt),

@@ -11,10 +11,12 @@ from typing import Any
 
 import yaml
 
+from kfoundry.data.recipe_names import builtin_recipes
+from kfoundry.errors import ConfigError
+from kfoundry.extras import require
+
 
 def register_prepare(data_sub: Any) -> None:
-    from kfoundry.data.curate.recipe import builtin_recipes
-
     p = data_sub.add_parser(
         "prepare", help="curate a corpus: filter, deduplicate, remove personal data, write a data card",
         description="Curate a corpus with datatrove: normalize, route by language, quality filters "
@@ -50,13 +52,14 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--executor-opt expects KEY=VALUE, got {item!r}")
+            raise ConfigError(f"--executor-opt expects KEY=VALUE, got {item!r}")
         opts[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
     return opts
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from kfoundry.data.curate import prepare
+    require("data", "kfoundry data prepare")
+    from kfoundry.data.curate import prepare  # the [data] extra: datatrove and the Korean tools
 
     decontam = [] if args.no_decontam else args.decontam
     card = prepare(args.corpus, Path(args.out), recipe=args.recipe, executor=args.executor, workers=args.workers,

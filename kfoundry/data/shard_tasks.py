@@ -36,16 +36,11 @@ from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
-from kfoundry.data.shards import (
-    STREAM_FILE,
-    check_settings,
-    encode_unit,
-    finished_units,
-    merge_parts,
-    tokenizer_info,
-    unit_key,
-)
+from kfoundry.corpus import CorpusStats, file_specs, iter_documents
+from kfoundry.data.shards import (STREAM_FILE, check_settings, encode_unit, finished_units, merge_parts, tokenizer_info,
+                                  unit_key)
 from kfoundry.fileio import atomic_write_json, read_json
+from kfoundry.tokenizer import KTokenizer
 
 BLOCK_DOCS = 4096  # documents per unit in stream mode: small enough to spread, large enough to batch well
 WORK_SETTINGS = "shard_settings.json"
@@ -59,8 +54,6 @@ def gated_off(gate: str | None) -> bool:
 
 def plan_files(spec: str, world_size: int) -> list[tuple[str, int]] | None:
     """The SPEC's files when it is cut by file (see the module docstring), else None (stream mode)."""
-    from kfoundry.corpus import file_specs
-
     files = file_specs(spec)
     return files if files is not None and len(files) >= world_size else None
 
@@ -91,9 +84,6 @@ class EncodeShards(PipelineStep):
         self.val_fraction, self.seed, self.max_chars, self.block_docs = val_fraction, seed, max_chars_per_doc, block_docs
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from kfoundry.corpus import CorpusStats, iter_documents
-        from kfoundry.tokenizer import KTokenizer
-
         if gated_off(self.gate):
             return
         tok = KTokenizer.load(self.tokenizer_dir)
@@ -155,10 +145,6 @@ class MergeShards(PipelineStep):
         self.config, self.overwrite = config, overwrite
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from kfoundry.tokenizer import KTokenizer
-
-        from kfoundry.corpus import CorpusStats, iter_documents
-
         if gated_off(self.gate):
             return
         tok = KTokenizer.load(self.tokenizer_dir)
@@ -178,6 +164,8 @@ def shard_stages(spec: str, tokenizer_dir: str | Path, work_dir: Path, out_dir: 
                  gate: str | Path | None = None):
     """The `encode` and `shards` stages (kfoundry.data.curate.stages.Stage) for a plan; with `gate`, they do
     nothing when that JSON file says `"shards": false`."""
+    # Imported here, not at the top: the kfoundry.data.curate package imports its `prepare`, which imports this
+    # module, so a top-level import of curate.stages from here would be a cycle at import time.
     from kfoundry.data.curate.stages import Stage
 
     parts = work_dir / "parts"
@@ -199,8 +187,7 @@ def shard_corpus(spec: str, tokenizer_dir: str | Path, out_dir: str | Path, *, t
     Work files and datatrove logs live in `OUT.work/` beside the output; a killed run resumes from the units
     it finished when run again with the same settings, and the folder is removed after a local success.
     """
-    from kfoundry.data.curate.stages import Plan, check_executor, make_executors, run_local
-    from kfoundry.tokenizer import KTokenizer
+    from kfoundry.data.curate.stages import Plan, check_executor, make_executors, run_local  # see shard_stages
 
     check_executor(executor, executor_options)
     if tasks < 1 or workers < 1:

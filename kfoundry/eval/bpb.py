@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kfoundry.eval.scoring import rolling_windows
+from kfoundry.eval.scoring import rolling_windows, score
 from kfoundry.text import nfc
 
 LN2 = math.log(2)
@@ -64,8 +64,6 @@ class KFoundryScorer:
         return self.tok.encode(text)
 
     def score(self, requests):
-        from kfoundry.eval.scoring import score
-
         return score(self.model, requests, token_budget=self.token_budget)
 
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from kfoundry.errors import ConfigError
+from kfoundry.eval.plugin import install_startup_hook
+from kfoundry.extras import require
+
 
 def _tasks(text: str) -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
@@ -53,14 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _eval(args) -> int:
     if args.install_lm_eval_plugin:
-        from kfoundry.eval.plugin import install_startup_hook
-
         print(f"installed {install_startup_hook()}: `lm_eval --model kfoundry --model_args model=CKPT` now works")
         return 0
     if not args.model or not args.out:
-        raise ValueError("kfoundry eval needs --model and --out")
+        raise ConfigError("kfoundry eval needs --model and --out")
     if args.ngram < 1:
-        raise ValueError("--ngram must be at least 1")
+        raise ConfigError("--ngram must be at least 1")
+    if args.tasks or args.backend == "hf":
+        require("eval", "kfoundry eval --tasks")
     from kfoundry.eval.runner import EvalSpec, run_eval
 
     spec = EvalSpec(model=args.model, tasks=args.tasks, out=args.out, num_fewshot=args.num_fewshot, limit=args.limit,

@@ -21,7 +21,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import json
 import numpy as np
+
+from kfoundry.data.shards import iter_split, read_meta
 
 DEFAULT_N = 13
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier (golden ratio); arithmetic wraps mod 2^64
@@ -53,8 +56,6 @@ def document_texts(doc: dict[str, Any]) -> list[str]:
 
 def train_ngrams_found(shard_dir: str | Path, wanted: np.ndarray, n: int) -> np.ndarray:
     """The subset of `wanted` hashes that occur somewhere in the training split of `shard_dir`."""
-    from kfoundry.data.shards import iter_split
-
     wanted = np.unique(wanted)
     found = np.zeros(len(wanted), dtype=bool)
     if not len(wanted):
@@ -73,8 +74,6 @@ def train_ngrams_found(shard_dir: str | Path, wanted: np.ndarray, n: int) -> np.
 def check(tasks: dict[str, Sequence[dict[str, Any]]], tokenizer, shard_dir: str | Path, *,
           n: int = DEFAULT_N) -> dict[str, dict[str, Any]]:
     """Overlap per task between its documents and the training shards (tokenizer hash must match the shards)."""
-    from kfoundry.data.shards import read_meta
-
     meta = read_meta(shard_dir, expect_tokenizer_hash=tokenizer.hash)
     per_doc: dict[str, list[np.ndarray]] = {}
     for task, docs in tasks.items():
@@ -105,8 +104,6 @@ def check(tasks: dict[str, Sequence[dict[str, Any]]], tokenizer, shard_dir: str 
 def find_shards(model_path: str | Path) -> Path | None:
     """The training shards of the run a checkpoint belongs to: RUN/shards beside RUN/ckpt/step-N, or the
     checkpoint a Hugging Face export names in kfoundry_source.json."""
-    import json
-
     path = Path(model_path).resolve()
     source = path / "kfoundry_source.json"
     if source.is_file():

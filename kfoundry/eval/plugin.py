@@ -24,6 +24,7 @@ lm-eval resolves `--model NAME` in its model registry. There are two ways to be 
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import sys
 import sysconfig
@@ -43,8 +44,6 @@ PTH_LINE = ("import sys; exec('try:\\n from kfoundry.eval.plugin import install_
 def register(registry_module: ModuleType | None = None) -> bool:
     """Put `kfoundry` into lm-eval's model registry (lazily; idempotent). True if it was added now."""
     if registry_module is None:
-        import importlib
-
         registry_module = importlib.import_module(REGISTRY_MODULE)
     model_registry = registry_module.model_registry
     if MODEL_NAME in model_registry:

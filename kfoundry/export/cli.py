@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from kfoundry.export.hf import export_hf
+from kfoundry.extras import require
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export a checkpoint to ecosystem formats")
@@ -22,15 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export_hf(args) -> int:
-    from kfoundry.export.hf import export_hf
-
     out = export_hf(args.model, args.out, overwrite=args.overwrite)
     print(f"exported Hugging Face model to {out}")
     return 0
 
 
 def _export_gguf(args) -> int:
-    from kfoundry.export.gguf import export_gguf
+    require("export", "kfoundry export gguf")
+    from kfoundry.export.gguf import export_gguf  # the [export] extra (gguf)
 
     res = export_gguf(args.model, args.out, out_type=args.type, overwrite=args.overwrite)
     print(f"exported {res.out_type} GGUF to {res.path} ({res.size_bytes / 1e6:.2f} MB)")

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tokenizers.processors import TemplateProcessing
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer, model_state
 from kfoundry.config import ModelConfig
@@ -58,9 +60,6 @@ def hf_config(cfg: ModelConfig, tok) -> dict:
 def hf_tokenizer_json(tok) -> str:
     """Our tokenizer.json with a post-processor that prepends BOS, as Llama-3's does: `AutoTokenizer(text)` then
     gives the same ids as `tok.encode(text, bos=True)`, which is how every training document starts."""
-    from tokenizers import Tokenizer
-    from tokenizers.processors import TemplateProcessing
-
     hf = Tokenizer.from_str(tok.hf.to_str())
     bos = tok.hf.id_to_token(tok.bos_id)
     hf.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",

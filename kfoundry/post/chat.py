@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
+from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.post.chat_format import prompt_ids
 from kfoundry.text import nfc
@@ -189,8 +190,6 @@ def _command(session: ChatSession, line: str, stdout: TextIO) -> bool:
 
 
 def chat_main(model_path: str, *, system: str | None, params: SamplingParams, device: str) -> int:
-    from kfoundry.checkpoint import load_model, load_tokenizer
-
     for stream in (sys.stdin, sys.stdout):  # Korean in and out whatever the locale says
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(encoding="utf-8", errors="replace" if stream is sys.stdout else "strict")

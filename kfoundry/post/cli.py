@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
-from kfoundry.train.cli import add_resume_args, launch_torchrun
+from kfoundry.config import STAGE_PRESETS, settings_table, stage_options
+from kfoundry.model.generate import SamplingParams
+from kfoundry.post.chat import chat_main
+from kfoundry.post.dpo import dpo, dpo_train_config
+from kfoundry.post.merge import merge
+from kfoundry.post.sft import sft, sft_train_config
+from kfoundry.train.cli import SETTINGS_EPILOG, add_resume_args, launch_torchrun
 from kfoundry.train.distributed import env_rank
 
 
-def _train_args(p: argparse.ArgumentParser, epochs: float) -> None:
+def _train_args(p: argparse.ArgumentParser, stage: str) -> None:
+    epochs = stage_options(stage)["epochs"]
     p.add_argument("--model", required=True, help="checkpoint to start from")
     p.add_argument("--data", action="append", required=True, metavar="FILE",
                    help="training data file, or 'starter' for the bundled set (repeatable)")
@@ -19,9 +26,11 @@ def _train_args(p: argparse.ArgumentParser, epochs: float) -> None:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--epochs", type=float, default=None,
                    help=f"passes over the data, unless train.max_steps is set (default {epochs})")
-    p.add_argument("--preset", default=None, help="batch shape and device from this preset (default cpu-tiny)")
+    p.add_argument("--preset", default=None, help="batch shape and device from this preset (default "
+                                                   f"{STAGE_PRESETS[stage]['base']}), under the {stage} preset")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
-                   help="override a training setting, e.g. --set train.lr=5e-4 (repeatable)")
+                   help="override a training setting, e.g. --set train.lr=5e-4 (repeatable; the settings and "
+                        "their meanings are listed below)")
     add_resume_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar or TensorBoard")
     p.add_argument("--nproc", type=int, default=None,
@@ -30,13 +39,16 @@ def _train_args(p: argparse.ArgumentParser, epochs: float) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens only)")
-    _train_args(p, epochs=3.0)
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat data (loss on assistant tokens only)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings("sft"))
+    _train_args(p, "sft")
     p.set_defaults(func=_sft)
 
-    p = sub.add_parser("dpo", help="direct preference optimization on prompt/chosen/rejected pairs")
-    _train_args(p, epochs=2.0)
-    p.add_argument("--beta", type=float, default=None, help="how far the policy may move from the reference (default 0.1)")
+    p = sub.add_parser("dpo", help="direct preference optimization on prompt/chosen/rejected pairs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_settings("dpo"))
+    _train_args(p, "dpo")
+    p.add_argument("--beta", type=float, default=None, help="how far the policy may move from the reference "
+                                                            f"(default {stage_options('dpo')['beta']})")
     p.set_defaults(func=_dpo)
 
     p = sub.add_parser("merge", help="merge checkpoints of one architecture (linear or SLERP)")
@@ -60,6 +72,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_chat)
 
 
+def _settings(stage: str) -> str:
+    """The --help epilog: every train.* setting with the stage preset's value and its meaning."""
+    return SETTINGS_EPILOG.format(table=settings_table(stage=stage, sections=("train",)))
+
+
 def _print_summary(summary: dict, keys: tuple[str, ...]) -> None:
     print(json.dumps({k: summary.get(k) for k in keys}, ensure_ascii=False))
 
@@ -77,8 +94,6 @@ def _common(args) -> dict:
 
 
 def _sft(args) -> int:
-    from kfoundry.post.sft import sft, sft_train_config
-
     if args.nproc is not None:
         return launch_torchrun(args.nproc, args.argv)
     tc = sft_train_config(args.preset, args.overrides)
@@ -89,14 +104,13 @@ def _sft(args) -> int:
 
 
 def _dpo(args) -> int:
-    from kfoundry.post.dpo import dpo, dpo_train_config
-
     if args.nproc is not None:
         return launch_torchrun(args.nproc, args.argv)
     tc = dpo_train_config(args.preset, args.overrides)
     common = _common(args)
     common["explicit"] = common["explicit"] or args.beta is not None
-    summary = dpo(args.model, args.data, args.out, tc, beta=args.beta if args.beta is not None else 0.1, **common)
+    beta = args.beta if args.beta is not None else stage_options("dpo")["beta"]
+    summary = dpo(args.model, args.data, args.out, tc, beta=beta, **common)
     if env_rank() != 0:
         return 0
     ev = summary.get("eval") or {}
@@ -108,17 +122,12 @@ def _dpo(args) -> int:
 
 
 def _merge(args) -> int:
-    from kfoundry.post.merge import merge
-
     meta = merge(args.models, args.out, method=args.method, weights=args.weights, overwrite=args.overwrite)
     print(json.dumps({"checkpoint": args.out, "method": meta["method"], "weights": meta["weights"]}))
     return 0
 
 
 def _chat(args) -> int:
-    from kfoundry.model.generate import SamplingParams
-    from kfoundry.post.chat import chat_main
-
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     params.validate()

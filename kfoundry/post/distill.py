@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
-from kfoundry.config import RunConfig
+from kfoundry.config import RunConfig, complete, validate_options
 from kfoundry.data.loader import PackedLoader
 from kfoundry.errors import ConfigError
 from kfoundry.fileio import sha256_file
@@ -73,10 +73,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | No
 
 
 def check_settings(alpha: float, temperature: float) -> None:
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    validate_options("distill", {"alpha": alpha, "temperature": temperature})
 
 
 def inputs_sha256(shard_dir: Path, teacher: Path) -> str:
@@ -113,9 +110,10 @@ def distill(teacher: str | Path, cfg: RunConfig, out_dir: str | Path, *, shard_d
     if cfg.model.vocab_size != teacher_cfg.vocab_size:
         log(f"student vocab_size set to the teacher's ({teacher_cfg.vocab_size}): they share a tokenizer")
         cfg.model.vocab_size = teacher_cfg.vocab_size
-    for who, m in (("student", cfg.model), ("teacher", teacher_cfg)):
-        if cfg.train.seq_len > m.max_seq_len:
-            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the {who}'s max_seq_len={m.max_seq_len}")
+    complete(cfg, stage="distill")  # the student's rules (config.validate); the teacher must also see whole rows:
+    if cfg.train.seq_len > teacher_cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds the teacher's max_seq_len="
+                          f"{teacher_cfg.max_seq_len}")
     info, run, cfg, options = open_post_run(
         "distill", out_dir, cfg, {"alpha": alpha, "temperature": temperature}, resume=resume,
         data_sha256=inputs_sha256(shard_dir, teacher), explicit=explicit, allow_change=allow_change, log=log)

@@ -36,8 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
-from kfoundry.config import DataConfig, RunConfig, TrainConfig
-from kfoundry.errors import ConfigError
+from kfoundry.config import STAGE_PRESETS, DataConfig, RunConfig, TrainConfig, complete, validate_options
 from kfoundry.fileio import read_json, sha256_file
 from kfoundry.model.llama import Transformer
 from kfoundry.post.chat_format import normalize_messages, render_many, render_text
@@ -48,18 +47,15 @@ from kfoundry.train.distributed import DistInfo, prepare_frozen, shutdown
 from kfoundry.train.precision import autocast
 from kfoundry.train.trainer import EpochSource, Stage, StepLoss, Trainer
 
-# Fine-tuning keeps AdamW with a cosine decay whatever the preset's pretraining recipe (Muon, WSD) is;
-# `--set train.optimizer=muon` switches it.
-DPO_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "schedule": "cosine", "lr": 2e-4, "min_lr_ratio": 0.1,
-                                "warmup_steps": 5, "weight_decay": 0.0, "max_steps": 0, "eval_every": 25,
-                                "ckpt_every": 100, "log_every": 5}
+# DPO's defaults are the `dpo` stage preset (config.STAGE_PRESETS); kept under this name for code that reads them.
+DPO_DEFAULTS: dict[str, Any] = STAGE_PRESETS["dpo"]["train"]
 CACHE_FILE = "reference_logps.safetensors"
 
 Pair = tuple[Example, Example]  # (chosen, rejected)
 
 
 def dpo_train_config(preset_name: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    return post_train_config(preset_name, overrides, DPO_DEFAULTS)
+    return post_train_config(preset_name, overrides, "dpo")
 
 
 def encode_reply(tok, prompt: Sequence[dict], reply: str) -> Example:
@@ -230,12 +226,12 @@ def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         resume: str | None = None, progress: bool = True, explicit: bool = True, allow_change: bool = False,
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Train the policy (initialised from `base`, usually an SFT checkpoint) on preference pairs with DPO."""
-    if not beta > 0:
-        raise ConfigError(f"beta must be positive, got {beta}")
+    validate_options("dpo", {"beta": beta})
     base, out_dir = Path(base), Path(out_dir)
     tc = copy.deepcopy(tc) if tc is not None else dpo_train_config()  # max_steps/seq_len are filled in below
     model_cfg = load_config(base)
-    tc.seq_len = min(tc.seq_len, model_cfg.max_seq_len)
+    cfg = complete(RunConfig(model=model_cfg, train=tc, data=DataConfig(corpus=",".join(map(str, data))),
+                             preset="dpo"), stage="dpo")
     tok = load_tokenizer(base)
 
     train_pairs, val_pairs, stats = load_split_encode(
@@ -244,7 +240,6 @@ def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         log=log)
     flat = lambda pairs: [ex for pair in pairs for ex in pair]  # noqa: E731
     data_sha = examples_sha256(flat(train_pairs), flat(val_pairs))
-    cfg = RunConfig(model=model_cfg, train=tc, data=DataConfig(corpus=",".join(map(str, data))), preset="dpo")
     info, run, cfg, options = open_post_run(
         "dpo", out_dir, cfg, {"beta": beta, "epochs": epochs, "val_fraction": val_fraction}, resume=resume,
         data_sha256=data_sha, explicit=explicit, allow_change=allow_change, log=log)
@@ -264,8 +259,8 @@ def dpo(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         x, y = collate_pairs([train_pairs[i] for i in indices], tok.pad_id)
         return PairBatch(x, y, ref_train[indices])
 
-    if tc.max_steps <= 0 and options["epochs"] <= 0:
-        raise ConfigError("epochs must be positive (or set train.max_steps)")
+    if tc.max_steps is None:
+        validate_options("dpo", {"epochs": options["epochs"]})
     tc.max_steps = derived_max_steps(run, tc.max_steps, lambda: max(1, math.ceil(
         options["epochs"] * len(batches_of(0)) / batches_per_step(tc, info.world_size))))
 

@@ -31,6 +31,7 @@ import torch
 
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.config import to_dict
+from kfoundry.fileio import read_json, sha256_file
 from kfoundry.provenance import record_checkpoint
 
 METHODS = ("linear", "slerp")
@@ -146,8 +147,6 @@ def merge(models: Sequence[str | Path], out: str | Path, *, method: str = "linea
 
 
 def _model_sha(path: Path) -> str:
-    from kfoundry.fileio import read_json, sha256_file
-
     manifest = path / ckpt_io.MANIFEST
     if manifest.is_file():
         return read_json(manifest)["files"]["model.safetensors"]

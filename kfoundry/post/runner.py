@@ -31,10 +31,10 @@ def open_post_run(stage: str, out_dir: str | Path, cfg: RunConfig, options: dict
     return info, run, cfg, options
 
 
-def derived_max_steps(run: RunStart, requested: int, derive: Callable[[], int]) -> int:
-    """`train.max_steps`, or when it is 0 the length derived from the data (epochs): a resumed run keeps the
+def derived_max_steps(run: RunStart, requested: int | None, derive: Callable[[], int]) -> int:
+    """`train.max_steps`, or when it is None the length derived from the data (epochs): a resumed run keeps the
     length it was started with, even if it now runs on another number of processes."""
-    if requested > 0:
+    if requested is not None:
         return requested
     if run.state is not None and isinstance(run.state.get("max_steps"), int):
         return run.state["max_steps"]

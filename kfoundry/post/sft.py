@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
-from kfoundry.config import DataConfig, RunConfig, TrainConfig, from_dict, parse_override, preset
+from kfoundry.config import (STAGE_PRESETS, DataConfig, RunConfig, TrainConfig, complete, parse_override, resolve,
+                             validate_options)
 from kfoundry.errors import ConfigError
 from kfoundry.model.llama import Transformer
 from kfoundry.model.masks import DocumentMask
@@ -47,29 +48,22 @@ from kfoundry.train.distributed import shutdown
 from kfoundry.train.precision import autocast
 from kfoundry.train.trainer import EpochSource, Stage, StepLoss, Trainer
 
-# SFT starts from the preset's batch shape and device, with optimisation settings suited to fine-tuning: a smaller
-# peak learning rate than pretraining, a short warmup, no weight decay. max_steps=0 means "derive from epochs".
-# Fine-tuning keeps AdamW with a cosine decay whatever the preset's pretraining recipe (Muon, WSD) is;
-# `--set train.optimizer=muon` switches it.
-SFT_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "schedule": "cosine", "lr": 1e-3, "min_lr_ratio": 0.1,
-                                "warmup_steps": 10, "weight_decay": 0.0, "max_steps": 0, "eval_every": 50,
-                                "ckpt_every": 100, "log_every": 10}
+# SFT's defaults are the `sft` stage preset (config.STAGE_PRESETS): the base preset's batch shape and device, with
+# optimisation settings suited to fine-tuning. Kept under this name for code that layers on them.
+SFT_DEFAULTS: dict[str, Any] = STAGE_PRESETS["sft"]["train"]
 
 
-def post_train_config(preset_name: str | None, overrides: Sequence[str], defaults: dict[str, Any]) -> TrainConfig:
-    """TrainConfig = preset's train section, then stage defaults, then `--set train.key=value` overrides."""
-    cfg = preset(preset_name or "cpu-tiny")
-    from_dict(cfg.train, defaults, prefix="train.")
+def post_train_config(preset_name: str | None, overrides: Sequence[str], stage: str) -> TrainConfig:
+    """TrainConfig = base preset's train section, then the stage preset, then `--set train.key=value` overrides;
+    validated like every run (config.validate). The model comes from the checkpoint, so only train.* applies."""
     for o in overrides:
-        parsed = parse_override(o)
-        if set(parsed) != {"train"}:
-            raise ValueError(f"--set {o}: only train.* settings apply here (the model comes from the checkpoint)")
-        from_dict(cfg, parsed)
-    return cfg.train
+        if set(parse_override(o)) != {"train"}:
+            raise ConfigError(f"--set {o}: only train.* settings apply here (the model comes from the checkpoint)")
+    return resolve(preset_name, overrides=list(overrides), stage=stage).train
 
 
 def sft_train_config(preset_name: str | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    return post_train_config(preset_name, overrides, SFT_DEFAULTS)
+    return post_train_config(preset_name, overrides, "sft")
 
 
 # --------------------------------------------------------------------------------------------- examples
@@ -257,22 +251,20 @@ def sft(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Fine-tune checkpoint `base` on conversations from `data`; checkpoints go to OUT/ckpt/step-N.
 
-    tc.max_steps <= 0 means `epochs` passes over the training conversations. Returns a summary with the first and
+    tc.max_steps=None means `epochs` passes over the training conversations. Returns a summary with the first and
     final training loss, the validation loss and the final checkpoint path. Under torchrun every rank calls this;
     each global batch is dealt out to the ranks (trainer.EpochSource).
     """
     base = Path(base)
     tc = copy.deepcopy(tc) if tc is not None else sft_train_config()  # max_steps/seq_len are filled in below
     model_cfg = load_config(base)
-    if tc.seq_len > model_cfg.max_seq_len:
-        log(f"train.seq_len={tc.seq_len} exceeds the model's context; using {model_cfg.max_seq_len}")
-        tc.seq_len = model_cfg.max_seq_len
+    cfg = complete(RunConfig(model=model_cfg, train=tc, data=DataConfig(corpus=",".join(map(str, data))),
+                             preset="sft"), stage="sft")
     tok = load_tokenizer(base)
     train_ex, val_ex, stats = load_split_encode(
         data, val_data, load=load_chats, split=split_chats, encode=encode_chats, tok=tok, seq_len=tc.seq_len,
         val_fraction=val_fraction, seed=tc.seed, stage="sft", units=("conversations", "training conversation"),
         log=log)
-    cfg = RunConfig(model=model_cfg, train=tc, data=DataConfig(corpus=",".join(map(str, data))), preset="sft")
     info, run, cfg, options = open_post_run(
         "sft", out_dir, cfg, {"epochs": epochs, "val_fraction": val_fraction}, resume=resume,
         data_sha256=examples_sha256(train_ex, val_ex), explicit=explicit, allow_change=allow_change, log=log)
@@ -281,8 +273,8 @@ def sft(base: str | Path, data: Sequence[str | Path], out_dir: str | Path, tc: T
     def batches_of(epoch: int) -> list[list[list[Example]]]:
         return epoch_rows(train_ex, epoch, tc.seed, tc.seq_len, tc.micro_batch_size)
 
-    if tc.max_steps <= 0 and options["epochs"] <= 0:
-        raise ConfigError("epochs must be positive (or set train.max_steps)")
+    if tc.max_steps is None:
+        validate_options("sft", {"epochs": options["epochs"]})
     tc.max_steps = derived_max_steps(run, tc.max_steps, lambda: max(1, math.ceil(
         options["epochs"] * len(batches_of(0)) / batches_per_step(tc, info.world_size))))
     device, pad_id = info.device, tok.pad_id

@@ -26,8 +26,14 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
+from pydoc_data.topics import topics
 
+from kfoundry.corpus.starter import constitution_records, part_paths
+from kfoundry.fileio import atomic_write_json, atomic_write_text
+from kfoundry.post.data import STARTER_CHAT_FILE, STARTER_META_FILE, STARTER_PREFS_FILE, starter_path
 from kfoundry.text import nfc
 
 KO_MAX_CHARS = 160  # answer length caps: keeps every conversation well inside a 256-token context
@@ -127,8 +133,6 @@ _EN_SENTENCE = re.compile(r"(?<!e\.g)(?<!i\.e)(?<!etc)\.(?=\s|$)")
 
 def constitution_articles() -> list[dict]:
     """Articles of the Constitution as {"n", "chapter", "first"}: number, chapter title, first sentence."""
-    from kfoundry.corpus.starter import constitution_records, part_paths
-
     out = []
     for rec in constitution_records(part_paths()["kolaw"]):
         if "-article-" not in rec.id:
@@ -146,8 +150,6 @@ def constitution_articles() -> list[dict]:
 
 def python_topics() -> list[dict]:
     """Python reference topics as {"title", "summary"}: the first prose sentences of each (code is skipped)."""
-    from pydoc_data.topics import topics
-
     out, seen = [], set()
     for key in sorted(topics):
         lines = topics[key].split("\n")
@@ -232,19 +234,12 @@ def _nfc_record(r: dict) -> dict:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    from kfoundry.fileio import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     path.chmod(0o644)  # package data: readable by everyone (the atomic write creates files 0600)
 
 
 def write_meta(path: Path, chat: list[dict], prefs: list[dict]) -> None:
     """What the set was built from: the Python whose pydoc topics it read, the konlpy version, the counts."""
-    from collections import Counter
-    from importlib.metadata import version
-
-    from kfoundry.fileio import atomic_write_json
-
     atomic_write_json(path, {
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "konlpy": version("konlpy"),
@@ -257,8 +252,6 @@ def write_meta(path: Path, chat: list[dict], prefs: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kfoundry.post.data import STARTER_CHAT_FILE, STARTER_META_FILE, STARTER_PREFS_FILE, starter_path
-
     chat = build_starter_chat()
     prefs = build_starter_prefs(chat)
     write_jsonl(starter_path(STARTER_CHAT_FILE), chat)

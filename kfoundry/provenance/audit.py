@@ -50,8 +50,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
+from kfoundry import checkpoint as ckpt_io
+from kfoundry.fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
 from kfoundry.provenance import fingerprint as fp
+from kfoundry.provenance.record import code_version
 
 LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # name -> (what it is indexed by, how it is computed); "dim" fingerprints follow residual channels.
@@ -134,7 +139,6 @@ class Weights:
 def _vocab(tokenizer_json: Path) -> dict[str, int] | None:
     if not tokenizer_json.is_file():
         return None
-    from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(tokenizer_json)).get_vocab(with_added_tokens=True)
 
@@ -147,11 +151,6 @@ def _heads(config: dict[str, Any]) -> tuple[int, int] | None:
 
 def load_weights(path: str | Path, label: str | None = None) -> Weights:
     """A kfoundry checkpoint (hash-checked, sharded ones included) or a Hugging Face Llama directory."""
-    from safetensors.torch import load_file
-
-    from kfoundry import checkpoint as ckpt_io
-    from kfoundry.fileio import read_json
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not a model directory (no config.json): {path}")
@@ -176,8 +175,6 @@ def load_weights(path: str | Path, label: str | None = None) -> Weights:
 
 def weight_files_sha256(path: str | Path) -> dict[str, str]:
     """sha256 of every weight file of a model directory, so a third party can check they audit the same bytes."""
-    from kfoundry.fileio import sha256_file
-
     path = Path(path)
     return {f.name: sha256_file(f) for f in sorted(path.glob("*.safetensors"))}
 
@@ -672,9 +669,6 @@ def audit(model: str | Path, against: list[str | Path], *, out_dir: str | Path |
     `references` are models trained independently of MODEL and of every AGAINST (ideally on similar data): their
     similarity to each side becomes the 'reference' chance family, the honest null for models that share a corpus.
     """
-    from kfoundry.fileio import atomic_write_json, atomic_write_text
-    from kfoundry.provenance.record import code_version
-
     if not against:
         raise ValueError("give at least one model to audit against (--against B [C ...])")
     a = load_weights(model)

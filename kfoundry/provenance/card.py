@@ -21,9 +21,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from kfoundry.fileio import read_json
+from kfoundry.checkpoint import load_config, read_meta
+from kfoundry.fileio import atomic_write_text, read_json
+from kfoundry.model.llama import Transformer
 from kfoundry.provenance import ledger
 from kfoundry.provenance.record import resolve_in, run_dir_of, weights_digest
 from kfoundry.provenance.verify import Node, format_lineage, lineage, origin_of
@@ -58,11 +61,6 @@ def _read_metrics(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 def gather(ckpt: str | Path) -> dict[str, Any]:
     """Everything the card shows, as plain data (also what `card.json`-style consumers would want)."""
-    import torch
-
-    from kfoundry.checkpoint import load_config, read_meta
-    from kfoundry.model.llama import Transformer
-
     ckpt = Path(ckpt).resolve()
     cfg = load_config(ckpt)
     with torch.device("meta"):
@@ -389,8 +387,6 @@ def model_card(ckpt: str | Path) -> str:
 
 def write_model_card(ckpt: str | Path, out_dir: str | Path, name: str = "README.md") -> Path:
     """Write the card into `out_dir` (an export directory, or anywhere next to a checkpoint)."""
-    from kfoundry.fileio import atomic_write_text
-
     path = Path(out_dir) / name
     atomic_write_text(path, model_card(ckpt))
     return path

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from kfoundry.provenance.audit import audit, format_comparison
+from kfoundry.provenance.verify import format_report, verify
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     prov = sub.add_parser("provenance", help="verify the ledger and lineage of a model; audit it against others")
@@ -32,16 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _verify(args) -> int:
-    from kfoundry.provenance.verify import format_report, verify
-
     report = verify(args.target, rederive=not args.no_rederive)
     print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else format_report(report))
     return 0 if report.ok else 1
 
 
 def _audit(args) -> int:
-    from kfoundry.provenance.audit import audit, format_comparison
-
     results = audit(args.model, args.against, out_dir=args.out, seeds=args.seeds, seed=args.seed,
                     references=args.reference)
     if args.json:

@@ -35,6 +35,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import kfoundry
+from kfoundry.checkpoint import model_state, read_meta
+from kfoundry.checkpoint.dcp import clean_name
+from kfoundry.config import to_dict
+from kfoundry.corpus import describe_sources
 from kfoundry.fileio import atomic_write_json, read_json, sha256_bytes, sha256_file
 from kfoundry.provenance import ledger
 
@@ -78,8 +85,6 @@ def state_digest(state: dict[str, Any]) -> str:
     Independent of file format, so the initial weights can be hashed without writing them anywhere, and anyone
     can rebuild them from the seed and check (see verify.py).
     """
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach()
@@ -112,8 +117,6 @@ def weights_digest(ckpt: str | Path) -> str | None:
 
 def code_version() -> dict[str, Any]:
     """kfoundry's version and, when it runs from a git checkout, the commit and whether the tree was modified."""
-    import kfoundry
-
     out: dict[str, Any] = {"kfoundry": kfoundry.__version__, "git_commit": None, "git_dirty": None}
     here = Path(kfoundry.__file__).resolve().parent
     try:
@@ -169,7 +172,6 @@ def parent_ref(path: str | Path) -> dict[str, Any]:
     ref["run_dir"] = str(rd) if entry else None
     ref["entry"] = entry["hash"] if entry else None
     if entry is None and p.is_dir():  # not in any ledger: keep what its meta.json says, marked as unverified
-        from kfoundry.checkpoint import read_meta
 
         meta = read_meta(p)
         ref["meta"] = {k: meta[k] for k in ("stage", "parent", "derived_from_external", "external_source")
@@ -207,9 +209,6 @@ def _latest(entries: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
 def model_digest(model) -> str:
     """`state_digest` of a model's weights under their plain names (without compile/checkpointing wrappers).
     For a sharded model every rank must call it: each parameter is gathered whole in turn, one at a time."""
-    from kfoundry.checkpoint import model_state
-    from kfoundry.checkpoint.dcp import clean_name
-
     return state_digest({clean_name(k): v for k, v in model_state(model).items()})
 
 
@@ -217,8 +216,6 @@ def record_init(run_dir: str | Path, model, *, seed: int, stage: str = "pretrain
                 **extra: Any) -> dict[str, Any]:
     """Random initialisation: what anyone needs to rebuild the very same starting weights and check them.
     `weights_sha256` is `model_digest(model)`, computed by every rank when the model is sharded."""
-    from kfoundry.config import to_dict
-
     cfg = to_dict(model.cfg)
     device = next(model.parameters()).device
     digest = weights_sha256 or model_digest(model)
@@ -260,8 +257,6 @@ def record_data(run_dir: str | Path, shard_dir: str | Path, *, corpus: str | Non
     Idempotent: when the ledger already records these shards (same meta.json), that entry is returned, so a
     resumed run does not hash gigabytes again.
     """
-    from kfoundry.corpus import describe_sources
-
     run_dir, shard_dir = Path(run_dir), Path(shard_dir)
     meta_path = shard_dir / "meta.json"
     if not meta_path.is_file():
@@ -307,8 +302,6 @@ def record_checkpoint(ckpt: str | Path, *, run_dir: str | Path | None = None, **
     Idempotent for an unchanged checkpoint: recording the same directory with the same manifest twice returns
     the first entry.
     """
-    from kfoundry.checkpoint import read_meta
-
     ckpt = Path(ckpt).resolve()
     run_dir = Path(run_dir).resolve() if run_dir is not None else run_dir_of(ckpt)
     manifest = ckpt / MANIFEST

@@ -25,14 +25,19 @@ import), or an unrecorded origin. Links recorded in a ledger are hash-checked; a
 from __future__ import annotations
 
 import os
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kfoundry import checkpoint as ckpt_io
+from kfoundry.checkpoint import model_state, read_meta
+from kfoundry.config import model_config_from_dict
 from kfoundry.fileio import sha256_file
+from kfoundry.model.llama import Transformer
 from kfoundry.provenance import ledger
-from kfoundry.provenance.record import (MANIFEST, MARK, find_checkpoint_entry, read_mark, resolve_in, run_dir_of,
-                                        state_digest, weights_digest)
+from kfoundry.provenance.record import (MANIFEST, MARK, find_checkpoint_entry, parent_paths, read_mark, resolve_in,
+                                        run_dir_of, state_digest, weights_digest)
 
 REDERIVE_MAX_PARAMS = 50_000_000
 MAX_DEPTH = 10_000  # lineage steps; a cycle in hand-edited metadata must not hang the walk
@@ -111,8 +116,6 @@ def _short(h: str | None) -> str:
 def check_checkpoint_files(ckpt: Path, recorded: dict[str, Any] | None = None) -> list[str]:
     """Problems with a checkpoint directory: its manifest against the ledger entry, then files against the
     manifest. Each problem names the file."""
-    from kfoundry import checkpoint as ckpt_io
-
     problems = []
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
@@ -197,12 +200,6 @@ def check_entry_files(run_dir: Path, entry: dict[str, Any], report: Report) -> N
 
 def rederive_init(entry: dict[str, Any]) -> tuple[bool | None, str]:
     """Rebuild the initial weights from the recorded config and seed; (matches?, note). None = not attempted."""
-    import torch
-
-    from kfoundry.checkpoint import model_state
-    from kfoundry.config import model_config_from_dict
-    from kfoundry.model.llama import Transformer
-
     device = entry.get("init_device", "cpu")
     if device != "cpu" and not (device == "cuda" and torch.cuda.is_available()):
         return None, f"initialised on {device}, which this machine does not have; not re-derived"
@@ -271,9 +268,6 @@ def _external_node(source: dict[str, Any] | None) -> Node:
 
 def _walk_meta(path: Path, seen: set[str], depth: int) -> list[Node]:
     """Lineage from meta.json alone: for checkpoints no ledger recorded (the links are not hash-checked)."""
-    from kfoundry.checkpoint import read_meta
-    from kfoundry.provenance.record import parent_paths
-
     nodes: list[Node] = []
     while depth < MAX_DEPTH:
         key = str(path.resolve()) if path.exists() else str(path)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kfoundry.checkpoint import load_model, load_tokenizer
+from kfoundry.model.generate import SamplingParams, generate
+from kfoundry.model.quantize import quantize_int8
+from kfoundry.text import nfc
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint")
@@ -22,22 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def complete(model, tok, prompts: list[str], params) -> list[str]:
     """Prompts in, continuations out (text). BOS is prepended as in training; generation stops at end-of-text."""
-    from kfoundry.model.generate import generate
-    from kfoundry.text import nfc
-
     ids = [tok.encode(nfc(p), bos=True) for p in prompts]
     out = generate(model, ids, params, stop_ids={tok.eos_id, tok.eot_id}, pad_id=tok.pad_id)
     return [tok.decode(o) for o in out]
 
 
 def _generate(args) -> int:
-    from kfoundry.checkpoint import load_model, load_tokenizer
-    from kfoundry.model.generate import SamplingParams
-
     model = load_model(args.model, device=args.device)
     if args.quantize == "int8":
-        from kfoundry.model.quantize import quantize_int8
-
         quantize_int8(model)
     tok = load_tokenizer(args.model)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,

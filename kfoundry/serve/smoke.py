@@ -13,6 +13,7 @@ from pathlib import Path
 from kfoundry.checkpoint import save_checkpoint
 from kfoundry.config import ModelConfig
 from kfoundry.model.llama import Transformer
+from kfoundry.tokenizer import train_tokenizer
 
 SAMPLE_TEXTS = [
     "대한민국은 민주공화국이다. 모든 국민은 인간으로서의 존엄과 가치를 가지며, 행복을 추구할 권리를 가진다.",
@@ -32,8 +33,6 @@ def random_checkpoint(path: str | Path, *, dim: int = 64, n_layers: int = 2, n_h
     `vocab_size` is the tokenizer's; `model_vocab_size` (default: the same) may be larger, as in a model whose
     vocabulary was padded, and gives the output layer a realistic cost.
     """
-    from kfoundry.tokenizer import train_tokenizer
-
     tok = train_tokenizer(SAMPLE_TEXTS * 8, vocab_size)
     cfg = ModelConfig(vocab_size=max(model_vocab_size or 0, tok.vocab_size), dim=dim, n_layers=n_layers,
                       n_heads=n_heads, n_kv_heads=n_kv_heads, ffn_dim=ffn_dim, max_seq_len=max_seq_len,

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kfoundry.config import write_config
+from kfoundry.corpus import CorpusStats, iter_documents
+from kfoundry.errors import DataError, MissingPathError
+from kfoundry.fileio import atomic_dir, atomic_write_json
 from kfoundry.text import hangul_share, nfc
+from kfoundry.tokenizer.ktokenizer import KTokenizer, check_replaceable
+from kfoundry.tokenizer.stats import format_stats, tokenizer_stats
+from kfoundry.tokenizer.train import train_tokenizer
 
 # FLORES-200 file stems we recognise, and the short codes the stats use.
 FLORES_LANGS = {"kor_Hang": "ko", "eng_Latn": "en"}
@@ -52,12 +59,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from kfoundry.config import write_config
-    from kfoundry.corpus import CorpusStats, iter_documents
-    from kfoundry.fileio import atomic_dir, atomic_write_json
-    from kfoundry.tokenizer.ktokenizer import check_replaceable
-    from kfoundry.tokenizer.train import train_tokenizer
-
     out = Path(args.out)
     check_replaceable(out)  # before an hour of training, not after
     resolved = {
@@ -90,7 +91,7 @@ def read_lines(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     return [nfc(line) for line in text.splitlines()]
 
 
@@ -105,7 +106,7 @@ def flores_texts(folder: Path) -> dict[str, list[str]]:
                 break
     if not found:
         names = ", ".join(f"{stem}.dev" for stem in FLORES_LANGS)
-        raise ValueError(f"{folder} holds no FLORES-style files (expected {names})")
+        raise DataError(f"{folder} holds no FLORES-style files (expected {names})")
     return found
 
 
@@ -119,14 +120,12 @@ def file_language(lines: list[str]) -> str:
 
 
 def collect_stats(tok: Any, text_path: Path) -> dict[str, Any]:
-    from kfoundry.tokenizer.stats import tokenizer_stats
-
     if text_path.is_dir():
         by_lang = flores_texts(text_path)
         parallel = None
         if "ko" in by_lang and "en" in by_lang:
             if len(by_lang["ko"]) != len(by_lang["en"]):
-                raise ValueError(f"{text_path}: Korean and English files differ in line count "
+                raise DataError(f"{text_path}: Korean and English files differ in line count "
                                  f"({len(by_lang['ko'])} vs {len(by_lang['en'])}); they must be aligned")
             parallel = (by_lang["ko"], by_lang["en"])
         stats = tokenizer_stats(tok, by_lang, parallel)
@@ -134,15 +133,12 @@ def collect_stats(tok: Any, text_path: Path) -> dict[str, Any]:
         lines = read_lines(text_path)
         stats = tokenizer_stats(tok, {file_language(lines): lines})
     else:
-        raise FileNotFoundError(f"text not found: {text_path}")
+        raise MissingPathError(f"text not found: {text_path}")
     stats["text"] = str(text_path)
     return stats
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from kfoundry.tokenizer.ktokenizer import KTokenizer
-    from kfoundry.tokenizer.stats import format_stats
-
     tok = KTokenizer.load(args.tokenizer)
     stats = collect_stats(tok, Path(args.text))
     if args.json:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from kfoundry.fileio import atomic_dir, atomic_write_json, atomic_write_text, read_json, sha256_bytes
@@ -47,8 +48,6 @@ def default_chat_template() -> str:
 def compiled_template(template: str):
     """A chat template compiled once (compiling costs far more than a render; data sets render 10k+ conversations), in a
     sandboxed Jinja environment with the options `transformers` uses."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
 
 

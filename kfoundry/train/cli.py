@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+from kfoundry.config import PRESETS, resolve, settings_table
+from kfoundry.errors import ConfigError
+from kfoundry.pipeline import ensure_shards, ensure_tokenizer
+from kfoundry.train.distributed import env_rank, wait_for_files
+from kfoundry.train.loop import pretrain
+
+# The --help epilog of the training commands: every setting with its value in the default preset and its meaning,
+# printed from the settings' own `help` (config.py), so the meaning is written once.
+SETTINGS_EPILOG = """settings (--set KEY=VALUE; null = off; values shown are the default preset's; `kfoundry config --preset P`
+shows another preset's):
+{table}"""
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="named preset (cpu-tiny, test-micro, gpu-124m); default cpu-tiny")
+    p.add_argument("--preset", default=None, help=f"named preset ({', '.join(PRESETS)}); default cpu-tiny")
     p.add_argument("--config", default=None, help="YAML recipe (see recipes/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
+                   help="override a config value, e.g. --set train.lr=1e-3 (repeatable; every key is listed below)")
     p.add_argument("--corpus", default=None, help="corpus spec (shortcut for --set data.corpus=SPEC)")
 
 
@@ -32,8 +46,6 @@ def explicit_settings(args) -> bool:
 def prepare_on_rank0(out: Path, needed: list[Path], prepare) -> None:
     """Run `prepare()` on rank 0 before any process group exists, while the other ranks wait for the files it
     writes: data preparation may take hours, far past a collective's timeout."""
-    from kfoundry.train.distributed import env_rank, wait_for_files
-
     failed = out / ".prepare-failed"
     if env_rank() == 0:
         failed.unlink(missing_ok=True)
@@ -47,8 +59,6 @@ def prepare_on_rank0(out: Path, needed: list[Path], prepare) -> None:
 
 
 def resolve_config(args):
-    from kfoundry.config import resolve
-
     overrides = list(args.overrides)
     if args.corpus:
         overrides.append(f"data.corpus={args.corpus}")
@@ -56,7 +66,9 @@ def resolve_config(args):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a model (single process; torchrun for many)")
+    p = sub.add_parser("pretrain", help="pretrain a model (single process; torchrun for many)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=SETTINGS_EPILOG.format(table=settings_table()))
     p.add_argument("--out", required=True, help="run directory")
     add_config_args(p)
     add_resume_args(p)
@@ -83,11 +95,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """`kfoundry pretrain --nproc N ...` = `torchrun --standalone --nproc_per_node N -m kfoundry pretrain ...`."""
-    import subprocess
-    import sys
-
     if nproc < 1:
-        raise ValueError("--nproc must be >= 1")
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "kfoundry", *_without_nproc(argv)]
     print("launching: " + " ".join(cmd[2:]), file=sys.stderr)
@@ -95,10 +104,6 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def _pretrain(args) -> int:
-    from kfoundry.pipeline import ensure_shards, ensure_tokenizer
-    from kfoundry.train.distributed import env_rank
-    from kfoundry.train.loop import pretrain
-
     if args.nproc is not None:
         return launch_torchrun(args.nproc, args.argv)
     cfg = resolve_config(args)

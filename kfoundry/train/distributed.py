@@ -25,14 +25,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from kfoundry.model.device import pick_device
 
@@ -73,7 +77,6 @@ def init_distributed(device_pref: str = "auto", timeout_minutes: float = 10.0) -
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if use_cuda else None,
                                 timeout=timedelta(minutes=timeout_minutes))
-    from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     return DistInfo(rank=rank, world_size=world, local_rank=local, enabled=True, device=device, mesh=mesh)
@@ -108,8 +111,6 @@ def parallelize(model: nn.Module, info: DistInfo, *, mode: str = "fsdp", activat
     does). Returns the module to call for the forward pass."""
     layers = model.model.layers
     if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
         for i, block in enumerate(layers):  # recompute each block's activations in backward: memory for compute
             layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
     if compile_blocks:
@@ -118,13 +119,10 @@ def parallelize(model: nn.Module, info: DistInfo, *, mode: str = "fsdp", activat
     if not info.enabled:
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if mode != "fsdp":
         raise ValueError(f"unknown train.parallel={mode!r} (use fsdp or ddp)")
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # One precision policy everywhere (docs/distributed.md): fp32 weights, bf16 autocast for the matmuls on CUDA
     # (`trainer.autocast`), fp32 gradient reductions. FSDP therefore gathers fp32 parameters (twice the bytes of
@@ -207,8 +205,6 @@ def prepare_frozen(model: nn.Module, info: DistInfo, mode: str) -> nn.Module:
         p.requires_grad_(False)
     model.eval()
     if info.enabled and mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for block in model.model.layers:
             fully_shard(block, mesh=info.mesh)
         fully_shard(model, mesh=info.mesh)

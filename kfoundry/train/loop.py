@@ -19,7 +19,7 @@ import torch
 
 from kfoundry import provenance
 from kfoundry.checkpoint import find_resumable, list_checkpoints, load_config, load_model
-from kfoundry.config import RunConfig
+from kfoundry.config import RunConfig, complete
 from kfoundry.data.loader import PackedLoader
 from kfoundry.errors import ConfigError
 from kfoundry.model.llama import Transformer
@@ -41,8 +41,7 @@ def lm_loss(model, batch) -> StepLoss:
 def check_shapes(cfg: RunConfig, tok: KTokenizer) -> None:
     if tok.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size={cfg.model.vocab_size}")
-    if cfg.train.seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    complete(cfg)  # the one set of rules (config.validate), now that the model is final (--init replaces it)
 
 
 def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, tokenizer_dir: str | Path,

@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from tqdm import tqdm
 
 from kfoundry import provenance
-from kfoundry.provenance import ledger
-from kfoundry.checkpoint import (Checkpointer, check_resumable, list_checkpoints, load_trainer_state, read_meta,
-                                 rng_state, set_rng_state)
-from kfoundry.config import RunConfig, to_dict, write_config
+from kfoundry.checkpoint import (Checkpointer, check_resumable, find_resumable, list_checkpoints, load_trainer_state,
+                                 read_meta, rng_state, set_rng_state)
+from kfoundry.config import RunConfig, from_dict, to_dict, write_config
 from kfoundry.errors import CheckpointError, ConfigError
+from kfoundry.provenance import ledger
 from kfoundry.train.distributed import (DistInfo, all_reduce_sum, broadcast_object, gather_objects, grad_norm,
                                         no_grad_sync, parallelize, scale_grads)
 from kfoundry.train.metrics import MetricsLog, median_tps
@@ -232,8 +233,6 @@ def settings_of(cfg: RunConfig, **options: Any) -> dict[str, Any]:
 
 
 def config_of(settings: dict[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    from kfoundry.config import from_dict
-
     return (from_dict(RunConfig(), {k: v for k, v in settings.items() if k != "options"}),
             dict(settings.get("options") or {}))
 
@@ -273,8 +272,6 @@ def open_run(out_dir: Path, settings: dict[str, Any], *, resume: str | None, inf
         found: Path | str | None = None
         if info.is_main:
             try:
-                from kfoundry.checkpoint import find_resumable
-
                 found = find_resumable(ckpt_root, log)
             except CheckpointError as e:
                 found = f"error:{e}"
@@ -298,6 +295,8 @@ def open_run(out_dir: Path, settings: dict[str, Any], *, resume: str | None, inf
     recorded = state.get("settings")
     if not isinstance(recorded, dict):
         raise CheckpointError(f"{start}/trainer_state.json records no settings; it cannot be resumed by this version")
+    cfg_then, opts_then = config_of(recorded)  # read as today's config: an old file's 0-for-off becomes None
+    recorded = settings_of(cfg_then, **opts_then)
     now, then = flatten(settings), flatten(recorded)
     diff = {k: (then.get(k), now.get(k)) for k in sorted(set(now) | set(then))
             if now.get(k) != then.get(k) and k not in OPERATIONAL_KEYS}
@@ -349,7 +348,7 @@ def accumulate_gradients(stage: Stage, fwd, model, micro_batches, n_micro: int,
 
 
 def normalize_gradients(model, sums: torch.Tensor, names: tuple[str, ...], info: DistInfo,
-                        grad_clip: float) -> tuple[dict[str, float], float, bool]:
+                        grad_clip: float | None) -> tuple[dict[str, float], float, bool]:
     """All-reduce the step's sums (on the device), read them and the gradient norm in one host sync, and scale
     the gradients to the token-weighted mean over the global batch, clipped. Returns (sums, grad norm, ok);
     ok is False for a step with no targets or a NaN/inf norm, which the caller skips."""
@@ -361,7 +360,7 @@ def normalize_gradients(model, sums: torch.Tensor, names: tuple[str, ...], info:
     norm = host[-1] * scale
     if count <= 0 or not math.isfinite(norm):
         return values, norm, False
-    clip = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip > 0 else 1.0
+    clip = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip else 1.0  # None: no clipping
     scale_grads(model, scale * clip)
     return values, norm, True
 
@@ -464,8 +463,6 @@ class Trainer:
             else stage.source
         bar = None
         if self.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=tc.max_steps, initial=self.step, desc=stage.name, unit="step", dynamic_ncols=True,
                        file=sys.stderr)
         names = step_sum_names(stage)
@@ -519,7 +516,7 @@ class Trainer:
                     bar.update(1)
                 out_of_time = values["late"] > 0
                 done = self.step == tc.max_steps or out_of_time
-                if self.step % tc.eval_every == 0 or done:
+                if done or (tc.eval_every and self.step % tc.eval_every == 0):
                     last_eval = {"step": self.step, "tokens": self.tokens_seen, **stage.evaluate(self.fwd)}
                     self.model.train()
                     if metrics:
@@ -527,7 +524,7 @@ class Trainer:
                     if bar and len(last_eval) > 2:
                         bar.write(f"step {self.step}: " + ", ".join(
                             f"{k}={v:.4f}" for k, v in last_eval.items() if isinstance(v, float)))
-                if self.step % tc.ckpt_every == 0 or done:
+                if done or (tc.ckpt_every and self.step % tc.ckpt_every == 0):
                     last_ckpt = self.save(final=done)
                 if out_of_time:
                     self.log(f"stopping {stage.name} at step {self.step}: the {tc.max_minutes}-minute budget is spent")

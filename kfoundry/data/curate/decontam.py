@@ -40,11 +40,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
+import logging
 import numpy as np
 from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
 from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import TextNormConfig, simplify_text
 
+from kfoundry.data.curate.recipe import shared_data_dir
 from kfoundry.data.curate.words import SpaceWords
 from kfoundry.fileio import atomic_write_json, read_json
 from kfoundry.text import nfc
@@ -123,8 +125,6 @@ def task_files(root: Path) -> list[tuple[str, Path]]:
 
 def parse_lm_eval(source: str) -> tuple[list[str], Path]:
     """`lm-eval:a,b@DIR` -> (["a", "b"], DIR); DIR defaults to the shared KoBEST copy."""
-    from kfoundry.data.curate.recipe import shared_data_dir
-
     body = source[len(LM_EVAL_PREFIX):]
     names_text, at, task_dir = body.partition("@")
     names = [n.strip() for n in names_text.split(",") if n.strip()]
@@ -144,8 +144,6 @@ def _doc_strings(doc) -> Iterator[str]:
 
 def lm_eval_tasks(source: str) -> list[tuple[str, Iterator[str]]]:
     """(lm-eval task name, its evaluated documents' strings) for every task an `lm-eval:` source names."""
-    import logging
-
     from lm_eval.tasks import TaskManager
 
     names, task_dir = parse_lm_eval(source)

@@ -24,10 +24,13 @@ from typing import Any
 
 from datatrove.pipeline.base import PipelineStep
 
-from kfoundry.data.curate.accounting import check_identity, length_bin, merge
+from kfoundry.corpus import describe_sources, iter_documents
 from kfoundry.corpus.prepared import CURATED_DIR, DONE_FILE
+from kfoundry.data.curate.accounting import check_identity, length_bin, merge
 from kfoundry.data.curate.card import length_band, redact_examples, top_removals, write_card
+from kfoundry.data.curate.pii import redact
 from kfoundry.fileio import atomic_write_json
+from kfoundry.tokenizer import train_tokenizer
 
 
 class AccountingError(RuntimeError):
@@ -72,8 +75,6 @@ def curated_stats(curated: Path) -> dict[str, Any]:
 
 def build_card(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Merge the accounting and the curated files into the data card dict (nothing written)."""
-    from kfoundry.corpus import describe_sources
-
     steps = merge(out, settings["steps"])
     redact_examples(steps)
     cur = curated_stats(out / "curated")
@@ -128,8 +129,6 @@ DECONTAM_EXAMPLES = 5
 def _matched(folder: Path) -> dict[str, Any]:
     """Removed documents per evaluation task, and the first few matches: document id, task, the shared
     n-gram, and the document text around it (personal data redacted: decontamination runs before PII)."""
-    from kfoundry.data.curate.pii import redact
-
     counts: Counter = Counter()
     examples: list[dict[str, Any]] = []
     for f in sorted(folder.glob("*.jsonl.gz")):
@@ -151,9 +150,6 @@ def tokenizer_dir(out: Path, settings: dict[str, Any]) -> Path:
 
 def ensure_tokenizer(out: Path, settings: dict[str, Any]) -> Path:
     """The given tokenizer, or one trained on the curated documents (kept if a resumed run already made it)."""
-    from kfoundry.corpus import iter_documents
-    from kfoundry.tokenizer import train_tokenizer
-
     tok_dir = tokenizer_dir(out, settings)
     if not (tok_dir / "tokenizer.json").is_file():
         tok = train_tokenizer((d.text for d in iter_documents(str(out / CURATED_DIR))), settings["vocab_size"])

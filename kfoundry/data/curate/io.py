@@ -35,6 +35,7 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 from datatrove.utils.typeshelper import StatHints
 
+from kfoundry.corpus import CorpusStats, iter_documents
 from kfoundry.fileio import atomic_write_json
 
 READ_STEP = "read"
@@ -58,8 +59,6 @@ class CorpusReader(PipelineStep):
         self.accounting_file = str(Path(out_dir) / "accounting" / READ_STEP / "00000.json")
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from kfoundry.corpus import CorpusStats, iter_documents
-
         stats = CorpusStats()
         chars = 0
         hist: Counter = Counter()

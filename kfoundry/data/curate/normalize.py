@@ -29,6 +29,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+import ftfy
+
 from kfoundry.data.curate.lean import LeanFilter
 from kfoundry.text import hangul_share, nfc
 
@@ -80,8 +82,6 @@ def repair_cp949(text: str) -> str | None:
 
 
 def _ftfy_config():
-    import ftfy
-
     # Only the repairs that undo damage; everything that would rewrite legitimate text is off.
     return ftfy.TextFixerConfig(
         unescape_html=False, fix_latin_ligatures=False, fix_character_width=False, uncurl_quotes=False,
@@ -104,8 +104,6 @@ def normalize_text(text: str, cfg: NormalizeConfig, changes: Counter | None = No
             out = fixed
             changes["mojibake_cp949_fixed"] += 1
         elif _MOJIBAKE_HINT.search(out):
-            import ftfy
-
             fixed = ftfy.fix_text(out, ftfy_config or _ftfy_config())
             if fixed != out:
                 out = fixed

@@ -31,8 +31,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kfoundry.corpus import iter_documents
 from kfoundry.corpus.prepared import CURATED_DIR, DONE_FILE, SETTINGS_FILE
+from kfoundry.data.curate.decontam import LM_EVAL_PREFIX, build_index, parse_lm_eval
+from kfoundry.data.curate.finalize import Finalize, tokenizer_dir, write_done_marker
 from kfoundry.data.curate.recipe import Recipe, load_recipe, resolve_set
+from kfoundry.data.curate.stages import build_plan, check_executor, make_executors, run_local
+from kfoundry.data.shard_tasks import shard_stages
 from kfoundry.fileio import atomic_write_json, read_json
 
 SHARD_TOKENS = 1 << 24  # tokens per shard file, as `kfoundry data shard` writes by default
@@ -43,8 +48,6 @@ _RUN_ONLY = ("executor", "workers", "steps", "decontam_note")
 def _backfill_marker(out: Path, shards: bool) -> None:
     """A run finished by a kfoundry that wrote no completion marker: its finalize stage completed and its card
     says the identity holds, so the marker it would have written is written now."""
-    from kfoundry.data.curate.finalize import write_done_marker
-
     card_path = out / "data_card.json"
     if (out / DONE_FILE).is_file() or not card_path.is_file():
         return
@@ -105,8 +108,6 @@ def _decontam_sets(recipe: Recipe, decontam: list[str] | None) -> tuple[list[str
     Decontamination is never silently off: when the recipe's sets are missing this is an error, and only
     `decontam=[]` (`--no-decontam`) or a recipe with `decontaminate.enabled: false` turns it off.
     """
-    from kfoundry.data.curate.decontam import LM_EVAL_PREFIX, parse_lm_eval
-
     if decontam is not None and not decontam:
         return [], "decontamination off (--no-decontam)"
     if decontam is None and not recipe.decontaminate.enabled:
@@ -153,12 +154,6 @@ def prepare(
     entries, replacing the recipe's sets ([] turns decontamination off; missing sets are an error). tokenizer: an existing tokenizer for the shards (default: train one).
     executor_options: extra keyword arguments for datatrove's executor (slurm needs partition and time).
     """
-    from kfoundry.corpus import iter_documents
-    from kfoundry.data.curate.decontam import build_index
-    from kfoundry.data.curate.finalize import Finalize, tokenizer_dir
-    from kfoundry.data.shard_tasks import shard_stages
-    from kfoundry.data.curate.stages import build_plan, check_executor, make_executors, run_local
-
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     check_executor(executor, executor_options)
     if workers < 1:

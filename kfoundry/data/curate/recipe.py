@@ -24,13 +24,13 @@ from typing import Any
 
 import yaml
 
+from kfoundry.data.recipe_names import RECIPE_DIR, builtin_recipes
 from kfoundry.data.curate.language import LanguageConfig
 from kfoundry.data.curate.normalize import NormalizeConfig
 from kfoundry.data.curate.pii import PII_TYPES
 from kfoundry.data.curate.quality import check_thresholds
 from kfoundry.data.curate.words import KIWI_MODELS
 
-RECIPE_DIR = Path(__file__).parent / "recipes"
 SHARED_PREFIX = "shared:"
 
 
@@ -117,10 +117,6 @@ class Recipe:
 
 _SECTIONS = {"normalize": NormalizeConfig, "language": LanguageConfig, "quality": QualityConfig,
              "decontaminate": DecontConfig, "dedup": DedupConfig, "pii": PiiConfig, "output": OutputConfig}
-
-
-def builtin_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

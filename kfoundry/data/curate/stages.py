@@ -28,17 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from datatrove.pipeline.dedup import (
-    ExactDedupConfig,
-    ExactDedupFilter,
-    ExactDedupSignature,
-    ExactFindDedups,
-    MinhashDedupCluster,
-    MinhashDedupFilter,
-    MinhashDedupSignature,
-)
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
+import time
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.executor.ray import RayPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
+                                      MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig, simplify_text
 
@@ -267,17 +263,11 @@ def make_executors(plan: Plan, executor: str, workers: int, options: dict[str, A
     for stage in plan.stages:
         common = dict(pipeline=stage.pipeline, tasks=stage.tasks, logging_dir=str(plan.out / "logs" / stage.name))
         if executor == "local":
-            from datatrove.executor import LocalPipelineExecutor
-
             ex = LocalPipelineExecutor(**common, workers=max(1, min(workers, stage.tasks)), **options)
         elif executor == "slurm":
-            from datatrove.executor import SlurmPipelineExecutor
-
             ex = SlurmPipelineExecutor(**common, job_name=f"kf-{stage.name}", depends=made[-1] if made else None,
                                        workers=workers if workers > 0 else -1, **options)
         else:
-            from datatrove.executor.ray import RayPipelineExecutor
-
             ex = RayPipelineExecutor(**common, depends=made[-1] if made else None,
                                      workers=workers if workers > 0 else -1, **options)
         made.append(ex)
@@ -286,8 +276,6 @@ def make_executors(plan: Plan, executor: str, workers: int, options: dict[str, A
 
 def run_local(executors: list[Any], names: list[str], on_stage: Callable[[str, float], None]) -> None:
     """Run local executors one after another; raise if a stage leaves tasks incomplete."""
-    import time
-
     for name, ex in zip(names, executors):
         t = time.perf_counter()
         ex.run()

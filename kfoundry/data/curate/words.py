@@ -30,6 +30,7 @@ import re
 from typing import Any
 
 from datatrove.utils.word_tokenizers import KiwiTokenizer, WordTokenizer
+from kiwipiepy import Kiwi
 
 KIWI_MODELS = ("knlm", "sbg")
 
@@ -41,8 +42,6 @@ _SENTENCE = re.compile(r"[^.!?。？！\n]+(?:[.!?。？！]+|\n|$)")
 @functools.lru_cache(maxsize=None)
 def _kiwi(model_type: str) -> Any:
     """One loaded Kiwi model per process and model type (loading takes seconds; analysing is the hot path)."""
-    from kiwipiepy import Kiwi
-
     return Kiwi(model_type=model_type)
 
 
