@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kfoundry.errors import ConfigError
+from kfoundry.extras import require
 from kfoundry.train.cli import add_config_args, resolve_config
 
 
@@ -18,13 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _speedrun(args) -> int:
-    # lazy: the stages pull in optional extras (lm-eval, gguf), and `kfoundry --help` must work without them
+    # The whole pipeline curates, evaluates and exports: say which extra is missing before any stage runs.
+    for extra in ("data", "eval", "export"):
+        require(extra, "kfoundry speedrun")
+    # lazy: the stages import those extras, and `kfoundry --help` must work without them
     from kfoundry.speedrun.run import speedrun
 
     cfg = resolve_config(args)
     if args.minutes is not None:
         if args.minutes <= 0:
-            raise ValueError("--minutes must be positive")
+            raise ConfigError("--minutes must be positive")
         cfg.train.max_minutes = args.minutes
     report = speedrun(cfg, Path(args.out), progress=not args.no_progress)
     print(f"\nspeedrun done in {sum(report['stage_seconds'].values()):.0f} s: "

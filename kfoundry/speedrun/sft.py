@@ -54,7 +54,7 @@ def run(pretrained: str | Path, run_dir: Path, cfg: RunConfig, progress: bool = 
     prompts = [p for _, p in CHAT_PROMPTS]
     before = chat_answers(pretrained, prompts)
     tc = copy.deepcopy(cfg.train)  # the run's batch shape, device and seed; fine-tuning settings on top
-    from_dict(tc, {**SFT_DEFAULTS, "max_minutes": SFT_MINUTES, "eval_every": 1_000_000, "ckpt_every": 1_000_000,
+    from_dict(tc, {**SFT_DEFAULTS, "max_minutes": SFT_MINUTES, "eval_every": None, "ckpt_every": None,
                    "keep_last": 1, "log_every": 5})
     summary = sft(pretrained, ["starter"], run_dir / "sft", tc, epochs=SFT_EPOCHS, resume="auto", progress=progress)
     after = chat_answers(summary["checkpoint"], prompts)
