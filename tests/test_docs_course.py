@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -134,10 +135,11 @@ def course_env(tmp_path_factory, shared_data):
 
 
 def _run(script: str, cwd: Path, env: dict, name: str) -> subprocess.CompletedProcess:
-    t = time.perf_counter()
+    t, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, text=True, capture_output=True, timeout=600)
-    seconds = time.perf_counter() - t
-    print(f"{name}: {seconds:.1f} s")
+    seconds, now = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)  # what a busy machine does not inflate
+    print(f"{name}: {seconds:.1f} s wall, {cpu:.1f} s CPU")
     if proc.returncode != 0:
         pytest.fail(f"{name} failed (exit {proc.returncode}) after {seconds:.0f} s\n"
                     f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
