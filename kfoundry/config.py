@@ -75,6 +75,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    z_loss: float = 0.0  # > 0: coefficient of the z-loss, logsumexp(logits)^2 per target (pretraining); 1e-4 typical
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (per transformer block under torchrun)

@@ -227,8 +227,12 @@ class Transformer(nn.Module):
     # -- forward -------------------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, reduction: str = "mean"):
+                attn_mask: torch.Tensor | None = None, cache: KVCache | None = None, reduction: str = "mean",
+                z_loss: float = 0.0):
         """Logits [B, T, V], or the cross-entropy loss when `targets` is given (ignore_index = -1).
+
+        z_loss: > 0 adds z_loss * logsumexp(logits)^2 per target (PaLM's auxiliary loss: it keeps the softmax
+            normaliser near 1, so the logits cannot drift upward), with the same reduction as the cross-entropy.
 
         positions: [B, T] integer positions (default: 0..T-1, offset by the cache length).
         attn_mask: None (causal), a boolean [B, 1, T, S] tensor (True = may attend; padded inference batches),
@@ -250,8 +254,18 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
+        flat, y = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
+        loss = F.cross_entropy(flat, y, ignore_index=-1, reduction=reduction)
+        if z_loss < 0:
+            raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        if z_loss > 0:
+            z = torch.logsumexp(flat, dim=-1).square() * (y >= 0)  # ignored positions add nothing
+            if reduction == "sum":
+                z = z.sum()
+            elif reduction == "mean":
+                z = z.sum() / (y >= 0).sum().clamp(min=1)
+            loss = loss + z_loss * z
+        return loss
 
     # -- accounting ----------------------------------------------------------------------------------------
 
