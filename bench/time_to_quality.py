@@ -69,6 +69,12 @@ BUDGET = {"tiny": 819_200, "20m": 2_048_000}
 BASELINE = dict(optimizer="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, schedule="cosine", min_lr_ratio=0.1,
                 micro_batch_size=8, grad_clip=1.0)
 BASELINE_WARMUP = 0.1
+# Model settings that are part of a training recipe rather than the shape: `--ours-set model.qk_norm=true` changes
+# them for ours alone; the baseline keeps the standard ones (no QK-norm, normal(0, 0.02)).
+RECIPE_MODEL_KEYS = ("qk_norm", "init_std")
+# Settings added after runs were first cached: left out of a run's identity while at their default, so a run cached
+# before they existed (which trained exactly as the default does) is still found.
+ADDED_LATER = {"z_loss": 0.0}
 
 
 def load() -> str:
@@ -155,7 +161,7 @@ class Run:
             t0 = time.perf_counter()
             apply_lr(self.opt, self.step, sched)
             x, y = next(self.batches)
-            loss = self.model(x, y)
+            loss = self.model(x, y, z_loss=self.tc.z_loss)
             loss.backward()
             if self.tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
@@ -197,7 +203,15 @@ def ours_cfg(tc0: TrainConfig, budget: int) -> TrainConfig:
 def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: list[float], data: dict, log,
              ours_set: list[str], cache: Path | None, skip_ours: bool = False) -> dict:
     base = resolve("cpu-tiny", overrides=ours_set)
-    mcfg = dataclasses.replace(preset("cpu-tiny").model, **SIZES[size])
+    shape = dataclasses.replace(preset("cpu-tiny").model, **SIZES[size])
+    moved = [k for k in dataclasses.asdict(shape) if k not in RECIPE_MODEL_KEYS
+             and getattr(base.model, k) != getattr(preset("cpu-tiny").model, k)]
+    if moved:
+        raise ValueError(f"--ours-set may change the model's recipe ({', '.join(RECIPE_MODEL_KEYS)}), not its shape "
+                         f"(model.{moved[0]}): both sides train the same shape")
+    standard = ModelConfig()
+    mcfg = dataclasses.replace(shape, **{k: getattr(standard, k) for k in RECIPE_MODEL_KEYS})  # the baseline's
+    ours_mcfg = dataclasses.replace(shape, **{k: getattr(base.model, k) for k in RECIPE_MODEL_KEYS})
     tc0 = base.train
     score = lambda m, rows: bits_per_byte(m, rows, data["token_bytes"])  # noqa: E731
     per_token = Transformer.build(copy.deepcopy(mcfg), device="meta").flops_per_token(tc0.seq_len)
@@ -207,7 +221,7 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     sweep = []
     for lr in lrs:
         tc = baseline_cfg(tc0.seq_len, lr, b_steps)
-        row = cached_run(cache, [dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, data["key"]],
+        row = cached_run(cache, [identity(mcfg), identity(tc), seed, data["key"]],
                          lambda: baseline_run(mcfg, tc, seed, data, per_token, score))
         sweep.append(row)
         log(f"[{size} seed {seed}] baseline lr={lr:g}: tune {row['tune_bpb']:.4f}  eval {row['eval_bpb']:.4f}  "
@@ -221,16 +235,17 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     if tc.schedule != "wsd" and sorted(fractions) != [1.0]:
         raise ValueError("branching shorter budgets off one run needs train.schedule=wsd; "
                          "with another schedule pass --fractions 1.0 (the full budget only)")
-    per_step = optimizer_flops_per_step(Transformer.build(copy.deepcopy(mcfg), device="meta"), tc)
+    per_step = optimizer_flops_per_step(Transformer.build(copy.deepcopy(ours_mcfg), device="meta"), tc)
     branches = [] if skip_ours else cached_run(
-        cache, [dataclasses.asdict(mcfg), dataclasses.asdict(tc), seed, sorted(fractions), data["key"]],
-        lambda: ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log))
+        cache, [identity(ours_mcfg), identity(tc), seed, sorted(fractions), data["key"]],
+        lambda: ours_branches(ours_mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log))
     reached = next((b for b in branches if b["eval_bpb"] <= target), None)
     # The same question on the tuning text: what the ablations are judged by.
     reached_tune = next((b for b in branches if b["tune_bpb"] <= best["tune_bpb"]), None)
     full = next((b for b in branches if b["fraction"] == 1.0), None)
     out = {"size": size, "seed": seed, "params": sum(p.numel() for p in Transformer.build(copy.deepcopy(mcfg), device="meta").parameters()), "budget_tokens": budget,
-           "flops_per_token": per_token, "muon_flops_per_step": per_step, "ours_recipe": _recipe(tc),
+           "flops_per_token": per_token, "muon_flops_per_step": per_step,
+           "ours_recipe": {**_recipe(tc), **{f"model.{k}": getattr(ours_mcfg, k) for k in RECIPE_MODEL_KEYS}},
            "baseline_sweep": sweep, "baseline_best_lr": best.get("lr"), "target_eval_bpb": target,
            "baseline": best, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
            "reached_tune": reached_tune}
@@ -239,6 +254,11 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     if reached_tune:
         out["ratios_tune"] = {k: reached_tune[k] / best[k] for k in ("tokens", "flops", "seconds")}
     return out
+
+
+def identity(settings) -> dict[str, Any]:
+    """A config dataclass as part of a cache key (see ADDED_LATER)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
 def cached_run(cache: Path | None, identity: list, compute) -> Any:
@@ -288,7 +308,7 @@ def ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, s
 def _recipe(tc: TrainConfig) -> dict[str, Any]:
     keys = ("optimizer", "lr", "muon_lr", "muon_momentum", "muon_weight_decay", "embed_lr", "head_lr", "norm_lr",
             "schedule", "decay_frac", "min_lr_ratio", "warmup_steps", "max_steps", "micro_batch_size",
-            "weight_decay", "beta1", "beta2", "grad_clip")
+            "weight_decay", "beta1", "beta2", "grad_clip", "z_loss")
     return {k: getattr(tc, k) for k in keys}
 
 

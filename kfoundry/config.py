@@ -97,6 +97,8 @@ class TrainConfig:
     beta1: float = _s(0.9, "AdamW beta1, in [0, 1)")
     beta2: float = _s(0.95, "AdamW beta2, in [0, 1)")
     grad_clip: float | None = _s(1.0, "clip the global gradient norm to this; null = no clipping", legacy_off=0.0)
+    z_loss: float = _s(0.0, "coefficient of the z-loss, logsumexp(logits)^2 per target (pretraining); 0 = off, "
+                            "1e-4 typical")
     seed: int = _s(1337, "seed of the initialisation, data order and sampling")
     device: str = _s("auto", "auto | cpu | cuda (cuda:N) | mps")
     compile: bool = _s(False, "torch.compile the model (per transformer block under torchrun)")
@@ -148,7 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=256,
                       tie_embeddings=True),
         "train": dict(seq_len=256, micro_batch_size=8, max_steps=400, optimizer="muon", lr=3e-3, muon_lr=0.01,
-                      warmup_steps=20, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0, eval_every=100,
+                      embed_lr=1e-2, warmup_steps=20, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0, eval_every=100,
                       ckpt_every=100),
         "data": dict(vocab_size=4096, split_chars=1200),
     },
@@ -396,7 +398,7 @@ def _train_problems(t: TrainConfig, m: ModelConfig, stage: str, model_known: boo
     if model_known and t.seq_len is not None and t.seq_len > m.max_seq_len:
         problems.append(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len} (null = the model's "
                         "context)")
-    for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "prefetch"):
+    for name in ("warmup_steps", "weight_decay", "muon_weight_decay", "prefetch", "z_loss"):
         if getattr(t, name) < 0:
             problems.append(f"train.{name}={getattr(t, name)!r} must be >= 0")
     _within(problems, "train.min_lr_ratio", t.min_lr_ratio, 0, 1)

@@ -93,6 +93,21 @@ def test_determinism_and_loss_falls(prepared, tmp_path):
     assert cfg_written["train"]["seed"] == 1 and cfg_written["preset"] == "test-micro"
 
 
+def test_z_loss_setting_reaches_the_training_loss(prepared, tmp_path):
+    """`train.z_loss` is part of pretraining's loss: the first logged loss grows by about coef * logsumexp^2
+    (at initialisation logsumexp is near ln(vocab), so the term is large), and the run still learns."""
+    tok, shards = prepared
+    first = {}
+    for coef in (0.0, 0.5):
+        sets = ["train.max_steps=8", "train.eval_every=100", "train.ckpt_every=100", "train.log_every=1",
+                f"train.z_loss={coef}"]
+        out = loop.pretrain(resolve("test-micro", overrides=sets), tmp_path / str(coef), shard_dir=shards,
+                            tokenizer_dir=tok, progress=False, log=lambda m: None)
+        first[coef] = out["first_loss"]
+        assert out["final_loss"] < out["first_loss"]
+    assert first[0.5] - first[0.0] > 0.25 * math.log(512) ** 2, first  # measured 19.6; 0.5 * ln(512)^2 = 19.5
+
+
 def test_sigkill_and_resume_is_bit_exact(prepared, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(cli(ref, prepared), check=True, capture_output=True, timeout=300)

@@ -300,14 +300,27 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | masks.DocumentMask | None = None, cache: Cache | None = None,
-                reduction: str = "mean"):
+                reduction: str = "mean", z_loss: float = 0.0):
         """Logits [B, T, V] = lm_head(hidden(...)), or the cross-entropy loss when `targets` is given
-        (ignore_index = -1). positions, attn_mask and cache are as for `hidden`."""
+        (ignore_index = -1). positions, attn_mask and cache are as for `hidden`.
+
+        z_loss: > 0 adds z_loss * logsumexp(logits)^2 per target (PaLM's auxiliary loss: it keeps the softmax
+            normaliser near 1, so the logits cannot drift upward), with the same reduction as the cross-entropy."""
         logits = self.lm_head(self.hidden(idx, positions=positions, attn_mask=attn_mask, cache=cache))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
+        flat, y = logits.float().view(-1, logits.size(-1)), targets.reshape(-1)
+        loss = F.cross_entropy(flat, y, ignore_index=-1, reduction=reduction)
+        if z_loss < 0:
+            raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        if z_loss > 0:
+            z = torch.logsumexp(flat, dim=-1).square() * (y >= 0)  # ignored positions add nothing
+            if reduction == "sum":
+                z = z.sum()
+            elif reduction == "mean":
+                z = z.sum() / (y >= 0).sum().clamp(min=1)
+            loss = loss + z_loss * z
+        return loss
 
     # -- accounting ----------------------------------------------------------------------------------------
 

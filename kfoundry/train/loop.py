@@ -11,6 +11,7 @@ torchrun — is the Trainer's, shared with SFT, DPO and distillation.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,12 @@ from kfoundry.train.trainer import LoaderSource, Stage, StepLoss, Trainer, confi
 __all__ = ["find_resumable", "list_checkpoints", "lm_loss", "pretrain"]
 
 
-def lm_loss(model, batch) -> StepLoss:
-    """Next-token cross-entropy summed over the targets (-1 = no target)."""
+def lm_loss(model, batch, z_loss: float = 0.0) -> StepLoss:
+    """Next-token cross-entropy summed over the targets (-1 = no target), plus `train.z_loss` times the summed
+    squared log-normaliser when it is set (the logged training loss then includes that term; validation does not)."""
     x, y = batch
     count = (y >= 0).sum()
-    return StepLoss(loss=model(x, y, reduction="sum"), count=count, tokens=count)
+    return StepLoss(loss=model(x, y, reduction="sum", z_loss=z_loss), count=count, tokens=count)
 
 
 def check_shapes(cfg: RunConfig, tok: KTokenizer) -> None:
@@ -87,7 +89,8 @@ def pretrain(cfg: RunConfig, out_dir: str | Path, *, shard_dir: str | Path, toke
         return evaluate_by_language(m, shard_dir, batch_size=tc.micro_batch_size, seq_len=tc.seq_len,
                                     max_batches=tc.eval_batches, token_bytes=token_bytes, device=device, info=info)
 
-    stage = Stage("pretrain", loss=lm_loss, source=LoaderSource(loader), evaluate=evaluate,
+    stage = Stage("pretrain", loss=functools.partial(lm_loss, z_loss=tc.z_loss), source=LoaderSource(loader),
+                  evaluate=evaluate,
                   flops_per_token=model.flops_per_token(tc.seq_len),
                   start_info={"shard_tokens_used_per_epoch": loader.token_use()})
     trainer = Trainer(stage, cfg, out_dir, run=run, model=model, tokenizer=tok, info=info, device=device,
