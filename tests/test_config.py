@@ -184,7 +184,7 @@ def test_seq_len_is_one_rule_in_every_stage(tiny_checkpoint, tmp_path):
 
 def test_none_means_off_and_old_zero_sentinels_still_load(tmp_path):
     cfg = preset("cpu-tiny")
-    assert cfg.train.tokens_per_step is None and cfg.train.max_minutes is None and cfg.train.embed_lr is None
+    assert cfg.train.tokens_per_step is None and cfg.train.max_minutes is None and cfg.train.head_lr is None
     old = tmp_path / "old.yaml"  # a recipe written when 0 meant "off"
     old.write_text("preset: test-micro\ntrain:\n  tokens_per_step: 0\n  max_minutes: 0\n  embed_lr: 0.0\n"
                    "  grad_clip: 0\n  keep_last: 0\ndata:\n  split_chars: 0\n", encoding="utf-8")
