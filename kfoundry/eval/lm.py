@@ -30,8 +30,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from kfoundry.checkpoint import load_model, load_tokenizer
 from kfoundry.eval import scoring
 from kfoundry.model.device import pick_device
+from kfoundry.model.generate import SamplingParams, generate
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ class KFoundryLM(TemplateLM):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if isinstance(source, (str, Path)):
-            from kfoundry.checkpoint import load_model, load_tokenizer
-
             # lm-eval's CLI asks for cuda:0 by default: without a GPU this runs on the CPU (as its own `hf` model does)
             self._device = pick_device(device)
             self.model = load_model(source, self._device)
@@ -183,8 +183,6 @@ class KFoundryLM(TemplateLM):
         return [r if r is not None else "" for r in results]
 
     def _generate(self, prompts: list[list[int]], gen_kwargs: dict[str, Any]) -> list[str]:
-        from kfoundry.model.generate import SamplingParams, generate
-
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))

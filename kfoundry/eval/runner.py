@@ -23,8 +23,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kfoundry.checkpoint import load_tokenizer
+from kfoundry.eval import bpb, contamination, frontier, report
 from kfoundry.fileio import read_json
 from kfoundry.model.device import pick_device
+from kfoundry.provenance import record_evaluation
 
 PACK_NAME_RE = re.compile(r"^(?:task|group):\s*(\S+)\s*$", re.M)
 
@@ -113,15 +116,11 @@ def _kfoundry_tokenizer(spec: EvalSpec, lm, backend: str):
         return lm.tok
     source = Path(spec.model) / "kfoundry_source.json"
     if source.is_file():
-        from kfoundry.checkpoint import load_tokenizer
-
         return load_tokenizer(read_json(source)["checkpoint"])
     return None
 
 
 def _bpb(spec: EvalSpec, lm, backend: str) -> dict[str, Any]:
-    from kfoundry.eval import bpb
-
     sets = bpb.heldout_sets(spec.bpb, spec.bpb_limit)
     if not sets:
         return {}
@@ -131,8 +130,6 @@ def _bpb(spec: EvalSpec, lm, backend: str) -> dict[str, Any]:
 
 def _contamination(spec: EvalSpec, lm, backend: str, samples: dict[str, list],
                    groups: dict[str, list[str]]) -> dict[str, Any]:
-    from kfoundry.eval import contamination
-
     shards = Path(spec.shards) if spec.shards else contamination.find_shards(spec.model)
     if shards is None:
         return {"skipped": "no training shards found beside the checkpoint (pass --shards DIR)"}
@@ -147,9 +144,6 @@ def _contamination(spec: EvalSpec, lm, backend: str, samples: dict[str, list],
 def run_eval(spec: EvalSpec, *, lm=None, log=lambda m: print(m, file=sys.stderr)) -> dict[str, Any]:
     """Evaluate, write the report files, return the report payload (what eval.json holds)."""
     import lm_eval
-
-    from kfoundry.eval import frontier, report
-    from kfoundry.provenance import record_evaluation
 
     if not spec.tasks and spec.skip_bpb:
         raise ValueError("nothing to evaluate: give --tasks, or leave bits-per-byte on")

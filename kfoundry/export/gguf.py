@@ -40,6 +40,7 @@ from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import ModelConfig
 from kfoundry.fileio import atomic_file
 from kfoundry.provenance.record import record_export
+from kfoundry.tokenizer import pipeline
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 ARCH = "llama"
@@ -171,8 +172,6 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
     """
     gguf = _gguf()
     from gguf.quants import quantize
-
-    from kfoundry.tokenizer import pipeline
 
     ckpt, out = Path(ckpt), Path(out)
     out_type = out_type.lower()
