@@ -31,6 +31,7 @@ The last line printed is the ratios (ours / baseline) per size, and their worst 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -113,15 +114,24 @@ def text_windows(path: Path, tok: KTokenizer, seq_len: int, max_tokens: int) -> 
     return torch.tensor([stream[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (how kfoundry's GPU presets train), plain fp32 on the CPU (how cpu-tiny trains)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.no_grad()
 def bits_per_byte(model: Transformer, rows: torch.Tensor, token_bytes: torch.Tensor, batch: int = 16) -> float:
     """Total loss in bits over total UTF-8 bytes of the predicted tokens (special tokens excluded)."""
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
+    rows, token_bytes = rows.to(device), token_bytes.to(device)
     nats = nbytes = 0.0
     for i in range(0, len(rows), batch):
         x, y = rows[i: i + batch, :-1], rows[i: i + batch, 1:]
-        loss = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="none")
+        with autocast(device):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
         b = token_bytes[y.flatten()]
         nats += float(loss[b > 0].double().sum())
         nbytes += float(b[b > 0].double().sum())
@@ -147,36 +157,49 @@ class Run:
     seconds: float = 0.0  # training wall-clock only (evaluation excluded)
 
     @classmethod
-    def start(cls, mcfg: ModelConfig, tc: TrainConfig, shards: Path, seed: int) -> "Run":
+    def start(cls, mcfg: ModelConfig, tc: TrainConfig, shards: Path, seed: int,
+              device: torch.device = torch.device("cpu")) -> "Run":
         torch.manual_seed(seed)
-        model = Transformer.build(copy.deepcopy(mcfg), seed=seed)
+        model = Transformer.build(copy.deepcopy(mcfg), seed=seed).to(device)  # drawn on the CPU: same start anywhere
         model.train()
         loader = PackedLoader(shards, split="train", batch_size=tc.micro_batch_size, seq_len=tc.seq_len, seed=seed)
-        return cls(model, build_optimizer(model, tc, "cpu"), loader, iter(loader), tc)
+        return cls(model, build_optimizer(model, tc, device.type), loader, iter(loader), tc)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def train_until(self, step: int, schedule: TrainConfig | None = None) -> None:
         """Optimizer steps up to `step`, with the learning rates of `schedule` (default: the run's own)."""
-        sched = schedule or self.tc
+        sched, device = schedule or self.tc, self.device
+        t0 = time.perf_counter()
+        losses = []
         while self.step < step:
-            t0 = time.perf_counter()
             apply_lr(self.opt, self.step, sched)
-            x, y = next(self.batches)
-            loss = self.model(x, y, z_loss=self.tc.z_loss)
+            x, y = (t.to(device, non_blocking=True) for t in next(self.batches))
+            with autocast(device):
+                loss = self.model(x, y, z_loss=self.tc.z_loss)
             loss.backward()
             if self.tc.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            self.seconds += time.perf_counter() - t0
             self.step += 1
             self.tokens += x.numel()
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {float(loss)} at step {self.step}")
+            # Checked in batches of steps: reading a loss waits for the GPU, which would serialise the launches.
+            losses.append(loss.detach())
+            if len(losses) == 50 or self.step == step:
+                if not torch.isfinite(torch.stack(losses)).all():
+                    raise FloatingPointError(f"loss is not finite within steps {self.step - len(losses) + 1}-{self.step}")
+                losses.clear()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds += time.perf_counter() - t0
 
     def branch(self) -> "Run":
         """An independent copy (weights, optimizer moments, data position) to cool down from here."""
         model = copy.deepcopy(self.model)
-        opt = build_optimizer(model, self.tc, "cpu")
+        opt = build_optimizer(model, self.tc, self.device.type)
         opt.load_state_dict(copy.deepcopy(self.opt.state_dict()))  # load shares tensors: copy
         loader = PackedLoader(self.loader.shard_dir, split="train", batch_size=self.tc.micro_batch_size,
                               seq_len=self.tc.seq_len, seed=self.loader.seed)
@@ -223,6 +246,9 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
         tc = baseline_cfg(tc0.seq_len, lr, b_steps)
         row = cached_run(cache, [identity(mcfg), identity(tc), seed, data["key"]],
                          lambda: baseline_run(mcfg, tc, seed, data, per_token, score))
+        if row is None:
+            log(f"[{size} seed {seed}] baseline lr={lr:g}: not in the cache (--cached-only), left out")
+            continue
         sweep.append(row)
         log(f"[{size} seed {seed}] baseline lr={lr:g}: tune {row['tune_bpb']:.4f}  eval {row['eval_bpb']:.4f}  "
             f"{row['seconds']:.0f}s  {'(cached)' if row.get('cached') else ''} load {row['load']}")
@@ -238,7 +264,7 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     per_step = optimizer_flops_per_step(Transformer.build(copy.deepcopy(ours_mcfg), device="meta"), tc)
     branches = [] if skip_ours else cached_run(
         cache, [identity(ours_mcfg), identity(tc), seed, sorted(fractions), data["key"]],
-        lambda: ours_branches(ours_mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log))
+        lambda: ours_branches(ours_mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log)) or []
     reached = next((b for b in branches if b["eval_bpb"] <= target), None)
     # The same question on the tuning text: what the ablations are judged by.
     reached_tune = next((b for b in branches if b["tune_bpb"] <= best["tune_bpb"]), None)
@@ -261,6 +287,9 @@ def identity(settings) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(settings).items() if not (k in ADDED_LATER and v == ADDED_LATER[k])}
 
 
+CACHED_ONLY = False  # --cached-only: a run missing from the cache is left out (None), never computed
+
+
 def cached_run(cache: Path | None, identity: list, compute) -> Any:
     """`compute()`, or its result from an earlier run with the same identity when `cache` is set. Lets the
     baseline's learning rates and our run go to separate processes that run at the same time (same load)."""
@@ -270,6 +299,8 @@ def cached_run(cache: Path | None, identity: list, compute) -> Any:
     if path.is_file():
         out = json.loads(path.read_text())
         return [{**r, "cached": True} for r in out] if isinstance(out, list) else {**out, "cached": True}
+    if CACHED_ONLY:
+        return None
     out = compute()
     cache.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out) + "\n")
@@ -277,7 +308,7 @@ def cached_run(cache: Path | None, identity: list, compute) -> Any:
 
 
 def baseline_run(mcfg, tc, seed, data, per_token, score) -> dict:
-    r = Run.start(mcfg, tc, data["shards"], seed)
+    r = Run.start(mcfg, tc, data["shards"], seed, data["device"])
     r.train_until(tc.max_steps)
     return {"lr": tc.lr, "tune_bpb": score(r.model, data["tune"]), "eval_bpb": score(r.model, data["eval"]),
             "val_bpb": score(r.model, data["val"]), "seconds": r.seconds, "tokens": r.tokens,
@@ -285,7 +316,7 @@ def baseline_run(mcfg, tc, seed, data, per_token, score) -> dict:
 
 
 def ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, size, log) -> list[dict]:
-    trunk = Run.start(mcfg, tc, data["shards"], seed)
+    trunk = Run.start(mcfg, tc, data["shards"], seed, data["device"])
     branches = []
     for f in sorted(fractions):
         steps_f = round(f * tc.max_steps)
@@ -332,7 +363,14 @@ def main() -> None:
                     help="reuse runs already in --work/cache with the same settings (each baseline lr and our run "
                          "are cached separately, so they can run as parallel processes and be combined after)")
     ap.add_argument("--skip-ours", action="store_true", help="only the baseline runs (to fill the cache)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="with --cache: combine what is cached, leaving out (and naming) any run not there")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda (bf16 autocast, as kfoundry's GPU presets train; weights drawn on the CPU)")
     args = ap.parse_args()
+    global CACHED_ONLY
+    CACHED_ONLY = args.cached_only
+    device = torch.device(args.device)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     sizes, seeds = args.sizes.split(","), [int(s) for s in args.seeds.split(",")]
@@ -354,11 +392,11 @@ def main() -> None:
     seq = preset("cpu-tiny").train.seq_len
     val_rows = next(iter(PackedLoader(shards, split="val", batch_size=10_000, seq_len=seq, loop=False)))
     val = torch.cat([val_rows[0], val_rows[1][:, -1:]], dim=1)[: args.eval_tokens // seq]  # x plus the last target
-    data = {"shards": shards, "token_bytes": torch.tensor(tok.token_bytes()),
+    data = {"shards": shards, "device": device, "token_bytes": torch.tensor(tok.token_bytes()),
             "eval": text_windows(Path(args.eval_text), tok, seq, args.eval_tokens),
             "tune": text_windows(Path(args.tune_text), tok, seq, args.eval_tokens), "val": val}
     data["key"] = [tok.hash, sha256_file(Path(args.eval_text)), sha256_file(Path(args.tune_text)), args.eval_tokens,
-                   torch.__version__]
+                   torch.__version__] + ([device.type, "bf16-autocast"] if device.type != "cpu" else [])
     cache = Path(args.work) / "cache" if args.cache else None
     results = [run_size(s, seed, int(BUDGET[s] * mult), lrs, fractions, data, log, args.ours_set, cache,
                         args.skip_ours)
@@ -372,7 +410,9 @@ def main() -> None:
         else:
             summary[s] = None  # some seed never reached the baseline's quality within the budget
     report = {"eval_text": args.eval_text, "ours_set": args.ours_set, "tune_text": args.tune_text, "quick": args.quick, "budget_mult": mult,
-              "torch_threads": torch.get_num_threads(), "load_before": load_before, "load_after": load(),
+              "torch_threads": torch.get_num_threads(), "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+              "torch": torch.__version__, "load_before": load_before, "load_after": load(),
               "total_seconds": time.perf_counter() - t0, "results": results, "worst_ratios_by_size": summary}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
