@@ -53,7 +53,7 @@ from kfoundry.serve.schemas import (ChatCompletionResponse, ChatRequest, Complet
                                     ErrorResponse, Health, ModelCard, ModelList)
 
 STATIC_DIR = Path(__file__).parent / "static"
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks whether its client is still there
+DISCONNECT_POLL_S = 0.25  # pause between reads of a body the route left unread, while waiting for a disconnect
 # Bodies up to this size are planned (tokenized) on the event loop: that takes about half a millisecond, less
 # than the two thread switches of `asyncio.to_thread`, which on a busy machine each wait for a time slice.
 INLINE_PLAN_BYTES = 1024
@@ -181,15 +181,15 @@ class Answerer:
                                            fmt.usage(gen.prompt_tokens, gen.completion_tokens)))
 
     async def collect_unless_gone(self, request: Request, gen: Generation) -> list[str] | None:
+        """The whole answer, or None when the client hangs up first (the generation is then cancelled)."""
         task = asyncio.ensure_future(gen.collect())
+        gone = asyncio.ensure_future(until_disconnected(request.receive))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    gen.cancel()
-                    return None
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            gen.cancel()
+            return None
         except TimeoutError:
             raise self.timed_out() from None
         except GenerationError as e:
@@ -198,8 +198,9 @@ class Answerer:
             raise APIError(503, str(e), "server_error", code="server_shutting_down",
                            headers={"Connection": "close"}) from None
         finally:
-            if not task.done():
-                task.cancel()
+            for t in (task, gone):
+                if not t.done():
+                    t.cancel()
             if not gen.done:
                 gen.cancel()
 
@@ -224,6 +225,13 @@ class Answerer:
     def timed_out(self) -> APIError:
         return APIError(504, f"request timed out after {self.cfg.request_timeout:g}s", "timeout_error",
                         code="timeout")
+
+
+async def until_disconnected(receive) -> None:
+    """Return when the client has gone. Once the body is read, the server's `receive` blocks until the
+    connection drops (or the answer is sent), so a waiting request costs nothing until then: no polling."""
+    while (await receive())["type"] != "http.disconnect":
+        await asyncio.sleep(DISCONNECT_POLL_S)  # body data the route did not read: do not spin on it
 
 
 class CancellingStream(StreamingResponse):
