@@ -26,6 +26,7 @@ Requests never touch the model: the engine's own thread batches them with everyo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -104,7 +105,17 @@ def create_app(engine: Engine, tokenizer, cfg: ServeConfig) -> FastAPI:
     """The ASGI app over `engine` (engine.py). The caller owns the engine (starts it; stops it at shutdown).
     `app.state.serve_config` and `app.state.drain` are what server.py reads to run it."""
     drain = Drain(cfg.shutdown_grace)
-    app = FastAPI(title="kfoundry serve", version="1", docs_url=None, redoc_url=None, lifespan=drain.lifespan)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async with drain.lifespan(app):
+            yield
+        # A forwarding engine keeps a connection pool on this loop; close it here, while the loop still runs.
+        close = getattr(engine, "close_loop_client", None)
+        if close is not None:
+            await close()
+
+    app = FastAPI(title="kfoundry serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serve_config, app.state.drain = cfg, drain
     app.add_middleware(Guard, cfg=GuardConfig(api_key=cfg.api_key, allowed_hosts=cfg.allowed_hosts,
                                               max_body_bytes=cfg.max_body_bytes, body_timeout=cfg.body_timeout),

@@ -41,12 +41,7 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        context = self._decode(self.ids[self._prefix:self._read])
-        window = self._decode(self.ids[self._prefix:])
-        if len(window) <= len(context) or window.endswith(REPLACEMENT):
-            return ""  # an incomplete character: wait for the rest of its bytes
-        self._prefix, self._read = self._read, len(self.ids)
-        return self._release(self._pending + window[len(context):])
+        return self._advance()
 
     def extend(self, token_ids: Sequence[int]) -> str:
         """`push` of several ids at once, for a stream without stop strings: the same text with two decodes in
@@ -59,10 +54,14 @@ class TextStream:
         if self.stopped or not token_ids:
             return ""
         self.ids.extend(token_ids)
+        return self._advance()
+
+    def _advance(self) -> str:
+        """Emit the text of the ids not yet turned into text, unless they end inside a character."""
         context = self._decode(self.ids[self._prefix:self._read])
         window = self._decode(self.ids[self._prefix:])
         if len(window) <= len(context) or window.endswith(REPLACEMENT):
-            return ""  # ends inside a character: `finish` or the next push releases it
+            return ""  # an incomplete character: wait for the rest of its bytes
         self._prefix, self._read = self._read, len(self.ids)
         return self._release(self._pending + window[len(context):])
 

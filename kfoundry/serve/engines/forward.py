@@ -222,6 +222,13 @@ class ForwardingEngine:
             self._clients[loop] = client
         return client
 
+    async def close_loop_client(self) -> None:
+        """Close the running loop's connection pool (the front calls this as its server shuts down, so the pool
+        is closed on its own loop instead of left to the garbage collector, which warns about it)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
+
     def _close_clients(self, timeout: float) -> None:
         """Close each pool on its own loop: waiting for loops in other threads, scheduling it on the caller's."""
         try:
