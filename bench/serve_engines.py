@@ -5,6 +5,7 @@
     python bench/serve_engines.py --shape 25m,cpu-tiny   # both, one after the other, in one run
     python bench/serve_engines.py --model CKPT           # a checkpoint of yours
     python bench/serve_engines.py --decode-steps         # only the torch engine's decode step, before and after
+    python bench/serve_engines.py --rounds 3             # each level 3 times, order flipped: median ratios
 
 Three servers on loopback, the same model (the checkpoint, and its GGUF F32 export for llama.cpp) and the same
 requests (/v1/completions, greedy, `--max-tokens` tokens, Korean and English prompts):
@@ -14,11 +15,18 @@ requests (/v1/completions, greedy, `--max-tokens` tokens, Korean and English pro
     direct       `llama-server` alone                   llama.cpp's own OpenAI-compatible API (the peer)
 
 All three start before any measurement and stay idle between turns; for each client count they take turns
-(torch, llama.cpp, direct), so the three figures of a row share the machine's load of that moment. Each
-client sends its next request when the previous one is answered. Both llama-servers get `--max-batch` slots;
-every server gets `--threads` threads. Reported: generated tokens/s (from each answer's `usage`), p50 latency,
-and the ratios torch / direct and llama.cpp / direct, with the load average before and after (the machine may be
-shared). Goals: llama.cpp engine >= 0.9x direct; torch engine >= 0.5x direct at 8 clients on the ~25M model.
+(torch, llama.cpp, direct; with `--rounds N`, N turns each, the order reversed every other round), so the
+figures of a row share the machine's load of that moment. Each client sends its next request when the
+previous one is answered. Both llama-servers get `--max-batch` slots; every server gets `--threads` threads.
+Reported: generated tokens/s (from each answer's `usage`), p50 latency, and the ratios torch / direct and
+llama.cpp / direct (with several rounds: the median over rounds of tokens/s, and the median of the per-round
+ratios), with the load average before and after (the machine may be shared).
+
+Also reported, because it does not depend on the load: the CPU time each server process spent per request
+(from /proc, Linux): our front's Python (`kfoundry serve --engine llama.cpp` itself), the llama-server behind
+it, and the llama-server called directly. On a 2-core machine the front's CPU is taken from the upstream's,
+and an upstream that spends more per request (re-evaluating prompts, say) shows it here.
+Goals: llama.cpp engine >= 0.9x direct; torch engine >= 0.5x direct at 8 clients on the ~25M model.
 
 The default model has random weights with a BPE tokenizer of 8,192 tokens trained on a slice of the shared
 data (so every id the model can produce decodes); speed does not depend on the weights. Nothing leaves the
@@ -119,6 +127,27 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300) ->
     raise SystemExit(f"{url} not ready after {timeout} s")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc; None elsewhere or when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def child_pid(parent: int, name: str) -> int | None:
+    """The pid of `parent`'s child process called `name` (the llama-server behind our front), or None."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        if comm.split("(", 1)[1] == name[:15] and int(rest.split()[1]) == parent:
+            return int(stat.parent.name)
+    return None
+
+
 def start_front(engine: str, ckpt: Path, gguf: Path, args) -> tuple[str, subprocess.Popen]:
     port = free_port()
     cmd = [sys.executable, "-m", "kfoundry", "serve", "--model", str(ckpt), "--engine", engine, "--port", str(port),
@@ -171,6 +200,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16, help="torch batch rows = llama.cpp slots")
     ap.add_argument("--threads", type=int, default=2, help="threads of every server")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="turns of each server per client count (order reversed every other round)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--decode-steps", action="store_true", help="only time the torch decode step (no servers)")
     args = ap.parse_args()
@@ -205,22 +236,34 @@ def run_shape(shape: str, levels: list[int], args) -> dict:
         ctx = load_config(ckpt).max_seq_len
         procs: list = []
         try:
-            urls = {}
+            urls, pids = {}, {}
             for engine in ("torch", "llama.cpp"):
                 urls[engine], proc = start_front(engine, ckpt, gguf, args)
                 procs.append(proc)
+                pids[engine] = proc.pid
+            pids["llama.cpp upstream"] = child_pid(pids["llama.cpp"], "llama-server")
             direct = LlamaServer(gguf, slots=args.max_batch, ctx=ctx, threads=args.threads).start()
             procs.append(direct)
-            urls["direct"] = direct.url
+            urls["direct"], pids["direct"] = direct.url, direct.proc.pid
             for url in urls.values():  # warm-up: first-call allocations, not measured
                 asyncio.run(drive(url, 2, 4, 8))
             rows = []
             for clients in levels:
-                row = {"clients": clients}
-                for name, url in urls.items():
-                    row[name] = asyncio.run(drive(url, clients, args.requests, args.max_tokens))
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                rounds = []
+                for r in range(args.rounds):
+                    names = list(urls) if r % 2 == 0 else list(reversed(urls))
+                    turn = {}
+                    for name in names:
+                        before = {k: cpu_seconds(pid) for k, pid in pids.items() if pid}
+                        turn[name] = asyncio.run(drive(urls[name], clients, args.requests, args.max_tokens))
+                        # the processes that served this turn: "llama.cpp" is our front and its upstream
+                        turn[name]["cpu_ms_per_request"] = {
+                            k: round((cpu_seconds(pid) - before[k]) * 1e3 / args.requests, 2)
+                            for k, pid in pids.items() if k.startswith(name) and before.get(k) is not None}
+                    turn["load"] = round(os.getloadavg()[0], 2)
+                    rounds.append(turn)
+                    print(json.dumps({"clients": clients, "round": r, **turn}), file=sys.stderr, flush=True)
+                rows.append(summarize(clients, rounds))
         finally:
             for p in procs:
                 if isinstance(p, LlamaServer):
@@ -235,16 +278,49 @@ def run_shape(shape: str, levels: list[int], args) -> dict:
           f"llama.cpp slots = {args.max_batch}; {args.threads} threads per server; {os.cpu_count()} CPUs; "
           f"load average before {load_before[0]:.2f} / {load_before[1]:.2f}, after {load[0]:.2f} / {load[1]:.2f}")
     print()
+    if args.rounds > 1:
+        print(f"{args.rounds} rounds per level: medians of tokens/s and p50, and medians of the per-round ratios")
+        print()
     print("| clients | torch tok/s (p50 s) | llama.cpp engine tok/s (p50 s) | llama-server direct tok/s (p50 s) | "
           "torch / direct | llama.cpp engine / direct |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         t, l, d = r["torch"], r["llama.cpp"], r["direct"]
         cell = lambda x: f"{x['tokens_per_s']:,.0f} ({x['p50_s']})" + (f", {x['errors']} errors" if x["errors"] else "")
-        print(f"| {r['clients']} | {cell(t)} | {cell(l)} | {cell(d)} | {t['tokens_per_s'] / d['tokens_per_s']:.2f}x | "
-              f"{l['tokens_per_s'] / d['tokens_per_s']:.2f}x |")
+        print(f"| {r['clients']} | {cell(t)} | {cell(l)} | {cell(d)} | {r['torch_vs_direct']:.2f}x | "
+              f"{r['llama.cpp_vs_direct']:.2f}x |")
+    print()
+    print("CPU milliseconds per request, each server process (median of rounds):")
+    print()
+    print("| clients | torch server | our front (Python) | llama-server behind it | llama-server direct |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        c = r["cpu_ms_per_request"]
+        fmt = lambda k: "—" if c.get(k) is None else f"{c[k]:.1f}"
+        print(f"| {r['clients']} | {fmt('torch')} | {fmt('llama.cpp')} | {fmt('llama.cpp upstream')} | "
+              f"{fmt('direct')} |")
     print(flush=True)
     return {"levels": rows, "params": n_params, "load_before": load_before, "load_after": load}
+
+
+def summarize(clients: int, rounds: list[dict]) -> dict:
+    """One row from a level's rounds: the median of each server's figures, the median of the per-round ratios
+    against direct (the ratio of one round shares that round's load), and the median CPU per request."""
+    med = lambda xs: round(statistics.median(xs), 4)  # noqa: E731
+    row: dict = {"clients": clients, "rounds": rounds}
+    for name in ("torch", "llama.cpp", "direct"):
+        runs = [r[name] for r in rounds]
+        row[name] = {"tokens_per_s": med([x["tokens_per_s"] for x in runs]),
+                     "p50_s": med([x["p50_s"] for x in runs if x["p50_s"] is not None] or [float("nan")]),
+                     "errors": sum(x["errors"] for x in runs)}
+        row[f"{name}_vs_direct"] = med([r[name]["tokens_per_s"] / r["direct"]["tokens_per_s"] for r in rounds])
+    cpu = {}
+    for r in rounds:
+        for name in ("torch", "llama.cpp", "direct"):
+            for k, v in r[name].get("cpu_ms_per_request", {}).items():
+                cpu.setdefault(k, []).append(v)
+    row["cpu_ms_per_request"] = {k: med(v) for k, v in cpu.items()}
+    return row
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ rest comes in extras, so a machine that only trains does not build datatrove's o
 
     [data]    kfoundry data prepare (curation): datatrove, kiwipiepy, ftfy, orjson
     [eval]    kfoundry eval benchmarks: lm-eval, accelerate
-    [serve]   kfoundry serve: fastapi, uvicorn, httpx
+    [serve]   kfoundry serve: fastapi, uvicorn, httpx, aiohttp
     [export]  kfoundry export gguf: gguf
     [all]     all of the above (the Makefile installs it)
 
@@ -25,7 +25,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "data": (("datatrove", "datatrove"), ("kiwipiepy", "kiwipiepy"), ("kiwipiepy_model", "kiwipiepy_model"),
              ("ftfy", "ftfy"), ("orjson", "orjson")),
     "eval": (("lm_eval", "lm-eval"), ("accelerate", "accelerate")),
-    "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("httpx", "httpx")),
+    "serve": (("fastapi", "fastapi"), ("uvicorn", "uvicorn"), ("httpx", "httpx"), ("aiohttp", "aiohttp")),
     "export": (("gguf", "gguf"),),
 }
 

@@ -8,6 +8,7 @@ same whatever the weights, and greedy answers can be checked token for token aga
 from __future__ import annotations
 
 import json
+import random
 import os
 import signal
 import subprocess
@@ -209,6 +210,25 @@ def test_text_stream_holds_split_characters_and_stop_strings(model_tok, mixed_te
     ts = TextStream(tok, stop=["다.!"])
     out = "".join(ts.push(i) for i in tok.encode(text)) + ts.finish()
     assert out == text and not ts.stopped
+
+
+def test_text_stream_extend_equals_pushes(model_tok, mixed_texts):
+    """`extend` (a whole answer's ids at once, as a forwarding engine reports them) emits exactly the text of
+    pushing the ids one by one, however the ids are split into runs: also for random ids, which cut characters,
+    form invalid UTF-8 and include special tokens (what a random model samples)."""
+    _, tok = model_tok
+    g = random.Random(0)
+    seqs = [tok.encode(t) for t in mixed_texts] + [[g.randrange(tok.vocab_size) for _ in range(40)] for _ in range(40)]
+    for ids in seqs:
+        ref = TextStream(tok)
+        want = "".join(ref.push(i) for i in ids) + ref.finish()
+        for k in (0, 1, 3):
+            cuts = [0, *sorted(g.sample(range(1, len(ids)), k=min(k, max(len(ids) - 1, 0)))), len(ids)]
+            ts = TextStream(tok)
+            got = "".join(ts.extend(ids[a:b]) for a, b in zip(cuts, cuts[1:])) + ts.finish()
+            assert got == want == ts.text, (ids, cuts)
+    with pytest.raises(ValueError, match="stop strings"):
+        TextStream(tok, stop=["다."]).extend([1, 2])
 
 
 # ------------------------------------------------------------------------------------------------ the API

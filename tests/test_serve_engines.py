@@ -139,6 +139,21 @@ def greedy_margins(model, prompt: list[int], tokens: list[int]) -> list[float]:
     return (top2[:, 0] - top2[:, 1]).tolist()
 
 
+def test_cancel_hooks_fire_at_every_cancel_and_at_once_when_late():
+    """A forwarding engine waits on an upstream answer without polling: the ticket's cancel hooks wake it, at
+    every cancel (the whole ticket or one choice), and at once for a hook added after a cancel."""
+    t = Ticket([1, 2], SamplingParams(max_new_tokens=1), lambda events: None, n=2)
+    calls: list[str] = []
+    t.on_cancel(lambda: calls.append("a"))
+    assert calls == []
+    t.cancel(1)
+    assert calls == ["a"] and t.wants(0) and not t.wants(1)
+    t.on_cancel(lambda: calls.append("b"))  # a choice is cancelled already
+    assert calls == ["a", "b"]
+    t.cancel()
+    assert calls == ["a", "b", "a", "b"] and not t.wants(0)
+
+
 def test_greedy_tokens_match_the_torch_engine(engine_ckpt, llama_front, mixed_texts):
     """llama.cpp and our torch engine choose the same greedy tokens on the same checkpoint, up to the first step
     whose top-two logit margin is within F32 rounding of a tie (measured, not assumed)."""

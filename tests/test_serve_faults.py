@@ -182,7 +182,7 @@ def test_disconnect_mid_stream_cancels_generation(served):
 
 
 def test_disconnect_while_waiting_for_a_full_answer(served):
-    """A non-streaming client that hangs up is noticed too (the server polls for the disconnect)."""
+    """A non-streaming client that hangs up is noticed too (the server waits for the disconnect beside the answer)."""
     srv, scheduler = served
     wait_idle(scheduler)
     before = scheduler.stats.as_dict()

@@ -51,7 +51,8 @@ class Generation:
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
         self.deadline = time.monotonic() + timeout if timeout else None
-        self.streams = [TextStream(tokenizer, stop or []) for _ in range(len(prompts) * n)]
+        self.stop = stop or []
+        self.streams = [TextStream(tokenizer, self.stop) for _ in range(len(prompts) * n)]
         self.finish_reasons: list[str | None] = [None] * len(self.streams)
         # Items are (ticket index, events) from the engine, or an exception put there by abort().
         self._queue: asyncio.Queue[tuple[int, list[Event]] | BaseException] = asyncio.Queue()
@@ -108,6 +109,8 @@ class Generation:
         return [s.text for s in self.streams]
 
     def _apply(self, ticket_index: int, events: list[Event]) -> list[Piece]:
+        if len(events) > 1 and not self.stop:
+            events = merge_runs(events)
         out = []
         for choice, token, reason in events:
             index = ticket_index * self.n + choice
@@ -115,7 +118,10 @@ class Generation:
             if self.finish_reasons[index] is not None:
                 continue  # already ended by a stop string; late tokens are dropped
             text = ""
-            if token is not None:
+            if isinstance(token, list):  # a run of ids (merge_runs)
+                self.completion_tokens += len(token)
+                text = stream.extend(token)
+            elif token is not None:
                 self.completion_tokens += 1
                 text = stream.push(token)
                 if stream.stopped:  # a stop string: end this choice here and free its slot
@@ -132,3 +138,19 @@ class Generation:
             if text or reason:
                 out.append(Piece(index, text, reason))
         return out
+
+
+def merge_runs(events: list[Event]) -> list[tuple[int, list[int] | None, str | None]]:
+    """Consecutive token events of one choice as one event whose token is a list of ids, decoded with one
+    `TextStream.extend` (a forwarding engine reports a whole answer in one list); a finish reason stays on the
+    run it ends. For requests without stop strings only: a stop string ends a choice at its token, and only the
+    tokens up to it count."""
+    merged: list = []
+    for choice, token, reason in events:
+        last = merged[-1] if merged else None
+        if token is not None and last is not None and last[0] == choice and last[2] is None and last[1] is not None:
+            last[1].append(token)
+            merged[-1] = (choice, last[1], reason)
+        else:
+            merged.append((choice, None if token is None else [token], reason))
+    return merged

@@ -62,6 +62,7 @@ class Ticket:
     cancelled: bool = False
     cancelled_choices: set[int] = field(default_factory=set)
     finished: int = 0  # choices done (written by the scheduler thread only)
+    cancel_hooks: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def cancel(self, choice: int | None = None) -> None:
         """Ask the scheduler to stop this ticket (or one of its choices) before its next decode step."""
@@ -69,6 +70,15 @@ class Ticket:
             self.cancelled = True
         else:
             self.cancelled_choices.add(choice)
+        for hook in list(self.cancel_hooks):
+            hook()
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        """Call `hook()` from the cancelling thread at every `cancel` (at once if something is cancelled already):
+        an engine that waits on its own (forward.py) learns of a cancel without polling `wants`."""
+        self.cancel_hooks.append(hook)
+        if self.cancelled or self.cancelled_choices:
+            hook()
 
     def wants(self, choice: int) -> bool:
         return not self.cancelled and choice not in self.cancelled_choices

@@ -11,7 +11,8 @@ greedy; otherwise temperature, then top-k (0 = off), then top-p, then a draw, an
 (min-p, repetition and DRY penalties, XTC, typical) is off. A `seed` makes a choice reproducible, but
 llama.cpp's random generator is not ours, so seeded samples differ between engines; greedy outputs agree
 wherever the top two logits are not within rounding of each other (tests/test_serve_engines.py measures that
-margin before comparing). A non-streaming request is one non-streamed `/completion` request; a closed
+margin before comparing). A slot reuses the KV of a prompt prefix it has already evaluated (`cache_prompt`,
+llama-server's default). A non-streaming request is one non-streamed `/completion` request; a closed
 connection makes llama-server free the slot in both cases.
 """
 
@@ -33,7 +34,12 @@ def completion_body(prompt: list[int], p: SamplingParams, seed: int | None, bann
                     stream: bool = True) -> dict:
     """The llama-server /completion request for one choice: token ids in, token ids out."""
     body = {"prompt": prompt, "n_predict": p.max_new_tokens, "stream": stream, "return_tokens": True,
-            "cache_prompt": False,  # a fresh evaluation every time: results do not depend on earlier requests
+            # llama-server's default, as for anyone calling it directly: a slot keeps the KV of its last prompt and
+            # evaluates only what a new prompt does not share with it (the last token at least). Re-evaluating
+            # every prompt cost 25 % more llama-server CPU per request in bench/serve_engines.py. Reused KV was
+            # computed in another batch shape, so logits may differ from a fresh evaluation by F32 rounding:
+            # greedy parity holds where the top-two margin is wider (tests/test_serve_engines.py).
+            "cache_prompt": True,
             "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "seed": -1 if seed is None else seed,
             "samplers": ["temperature", "top_k", "top_p"], **NEUTRAL}
     if banned:  # ids our tokenizer cannot decode (a padded vocabulary) are never chosen, as in our scheduler
