@@ -1,11 +1,13 @@
-"""Run under torchrun by tests/test_engine.py and tests/test_distributed.py (no test_ prefix: not collected).
+"""Run under torchrun by tests/test_distributed.py (no test_ prefix: not collected).
 
 Computes one optimizer step's gradient with the training engine's step (`accumulate_gradients` +
 `normalize_gradients`: FSDP2 or DDP, each rank its share of the global batch) and with a single process on the
 whole global batch, for one stage's loss (pretraining, SFT or DPO), and writes the largest absolute difference
-to a JSON file.
+to a JSON file. Every MODE:STAGE pair given runs in the same process group, one after another, on a fresh model
+(one launch instead of one per pair: starting two ranks costs more than the six steps), and the file maps
+"MODE-STAGE" to that pair's result.
 
-    torchrun --nproc_per_node 2 tests/dist_worker_grads.py fsdp|ddp lm|sft|dpo OUT.json
+    torchrun --nproc_per_node 2 tests/dist_worker_grads.py OUT.json fsdp:lm ddp:lm fsdp:sft ...
 """
 
 import json
@@ -54,8 +56,7 @@ def global_batches(kind: str, vocab: int) -> tuple[list, Stage]:
     raise SystemExit(f"unknown stage {kind}")
 
 
-def main(mode: str, kind: str, out: str) -> None:
-    info = init_distributed("cpu")
+def one_pair(info: DistInfo, mode: str, kind: str) -> dict:
     cfg = preset("test-micro").model
     micro_global, stage = global_batches(kind, cfg.vocab_size)
     names = step_sum_names(stage)
@@ -75,12 +76,21 @@ def main(mode: str, kind: str, out: str) -> None:
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         worst = max(worst, float((g - named_single[name.replace("_checkpoint_wrapped_module.", "")].grad).abs().max()))
+    return {"max_abs_grad_diff": worst, "loss": got["loss"] / got["count"], "ref_loss": ref["loss"] / ref["count"],
+            "n": got["count"], "ref_n": ref["count"], "grad_norm": norm, "ref_grad_norm": ref_norm,
+            "world_size": info.world_size}
+
+
+def main(out: str, pairs: list[str]) -> None:
+    info = init_distributed("cpu")
+    results = {}
+    for pair in pairs:
+        mode, kind = pair.split(":")
+        results[f"{mode}-{kind}"] = one_pair(info, mode, kind)
     if info.rank == 0:
-        json.dump({"max_abs_grad_diff": worst, "loss": got["loss"] / got["count"],
-                   "ref_loss": ref["loss"] / ref["count"], "n": got["count"], "ref_n": ref["count"],
-                   "grad_norm": norm, "ref_grad_norm": ref_norm, "world_size": info.world_size}, open(out, "w"))
+        json.dump(results, open(out, "w"))
     shutdown(info)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(sys.argv[1], sys.argv[2:])

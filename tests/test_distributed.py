@@ -73,15 +73,25 @@ def references(prepared, tmp_path_factory):
     return {**runs, "prepared": prepared}
 
 
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-@pytest.mark.parametrize("stage", ["lm", "sft", "dpo"])
-def test_gradients_match_single_process(mode, stage, tmp_path):
+MODES, GRAD_STAGES = ["fsdp", "ddp"], ["lm", "sft", "dpo"]
+
+
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory) -> dict:
+    """Every (mode, stage) pair's gradient check, from one torchrun launch of 2 ranks (a launch costs more than
+    the six steps together)."""
+    out = tmp_path_factory.mktemp("grads") / "grads.json"
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(HERE / "dist_worker_grads.py"), str(out), *(f"{m}:{s}" for s in GRAD_STAGES for m in MODES)])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stage", GRAD_STAGES)
+def test_gradients_match_single_process(mode, stage, grads):
     """One optimizer step of pretraining, SFT and DPO: 2 processes (each its share of the global batch) give the
     gradient of one process on the whole batch, through the engine's own step functions."""
-    out = tmp_path / "grads.json"
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "dist_worker_grads.py"), mode, stage, str(out)])
-    r = json.loads(out.read_text())
+    r = grads[f"{mode}-{stage}"]
     assert r["world_size"] == 2 and r["n"] == r["ref_n"]
     assert r["max_abs_grad_diff"] <= 1e-6
     assert abs(r["loss"] - r["ref_loss"]) <= 1e-5

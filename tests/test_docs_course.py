@@ -22,16 +22,26 @@ both. Guides have four more skip reasons than chapters, for blocks that are not 
 command that runs until Ctrl-C), `cluster` (needs a Slurm or Ray cluster or several machines), `bench` (a
 measurement that takes minutes; its figure and command are in docs/benchmarks.md) and `server` (a client of a
 server started by hand; chapter 7 of the course starts one and queries it in CI).
+
+The guides are independent of one another and of chapters 2-8, and read only the speedrun, so they do not wait in
+line: most of their commands keep one core busy (Python imports, a tiny model), and on a 2-core machine the other
+core is free. As soon as chapter 1 has made the speedrun they start in two lanes of threads beside the course, each
+lane one guide after another. `LEDGER_LANE` holds every guide that appends to the speedrun's ledger (an export, an
+evaluation) or verifies it, verification last; chapters from `LEDGER_READERS_FROM` on read that ledger whole (a
+model card's lineage, `provenance verify`), so they wait until that lane has finished: nothing reads the ledger's
+lines and head while something appends to it. A guide outside `LEDGER_LANE` that appends to it fails and says so;
+chapters 2-6 only read the speedrun.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import resource
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -134,25 +144,51 @@ def course_env(tmp_path_factory, shared_data):
     return {"dir": work, "env": env, "failed": []}
 
 
-def _run(script: str, cwd: Path, env: dict, name: str) -> subprocess.CompletedProcess:
-    t, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, text=True, capture_output=True, timeout=600)
-    seconds, now = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)  # what a busy machine does not inflate
-    print(f"{name}: {seconds:.1f} s wall, {cpu:.1f} s CPU")
-    if proc.returncode != 0:
-        pytest.fail(f"{name} failed (exit {proc.returncode}) after {seconds:.0f} s\n"
-                    f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+def _run_script(script: str, cwd: Path, env: dict, name: str) -> tuple[str, str | None]:
+    """Run one chapter's or guide's script: (a line with its wall and CPU seconds, None), or (that line, why it
+    failed). CPU seconds are the script's own (its rusage), so they stay right when two scripts run at once."""
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as out, tempfile.TemporaryFile("w+", encoding="utf-8") as err:
+        proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        timer = threading.Timer(600, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
+        seconds = time.perf_counter() - t
+        line = f"{name}: {seconds:.1f} s wall, {usage.ru_utime + usage.ru_stime:.1f} s CPU"
+        if rc == 0:
+            return line, None
+        out.seek(0)
+        err.seek(0)
+        return line, (f"{name} failed (exit {rc}) after {seconds:.0f} s\n"
+                      f"--- stdout\n{out.read()[-4000:]}\n--- stderr\n{err.read()[-6000:]}")
 
 
+def _run(script: str, cwd: Path, env: dict, name: str) -> None:
+    line, failure = _run_script(script, cwd, env, name)
+    print(line)
+    if failure:
+        pytest.fail(failure)
+
+
+# a chapter's own script is capped at 600 s; chapter 7 may first wait for the ledger lane of guides beside it
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[p.stem for p in CHAPTERS])
-def test_chapter_commands_run(chapter, course_env):
+def test_chapter_commands_run(chapter, course_env, request):
     if course_env["failed"]:
         pytest.fail(f"an earlier chapter failed ({course_env['failed'][0]}); this one reads its outputs")
     course_env["failed"].append(chapter.stem)  # until it has passed
+    if chapter.stem >= LEDGER_READERS_FROM and "guides" in course_env:
+        course_env["guides"].wait_lane(ledger_lane=True)
     _run(chapter_script(chapter), course_env["dir"], course_env["env"], chapter.name)
     course_env["failed"].remove(chapter.stem)
+    if chapter == CHAPTERS[0]:  # the speedrun exists: the guides start beside the course
+        runs = _guide_runs(request, course_env)
+        runs.start(ledger_lane=False)
+        runs.start(ledger_lane=True)
 
 
 def test_the_comment_stripper_keeps_strings_and_flags():
@@ -181,8 +217,88 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
             for p in folder.rglob("*") if p.is_file() and p.name not in LEDGER}
 
 
-@pytest.mark.parametrize("guide", GUIDES, ids=[p.stem for p in GUIDES])
-def test_guide_commands_run(guide, course_env):
+# The guides that append to the speedrun's ledger (export, eval, edge, growth) or verify it (provenance), run one
+# after another; verification last, after every append.
+LEDGER_LANE = ("edge", "eval", "export", "growth", "provenance")
+# The first chapter that reads the speedrun's ledger whole (chapter 7's export writes a model card from the lineage,
+# chapter 8 verifies it): from here on the course waits for LEDGER_LANE to finish.
+LEDGER_READERS_FROM = "07"
+
+
+class GuideRuns:
+    """The selected guides, run in two lanes of threads; `result(stem)` waits for one guide's outcome."""
+
+    def __init__(self, guides: list[Path], course_env: dict):
+        self.speedrun = course_env["dir"] / "runs" / "speedrun"
+        self.env, self.dir = course_env["env"], course_env["dir"] / "guides"
+        self.before, self.ledger = _snapshot(self.speedrun), (self.speedrun / "ledger.jsonl").read_bytes()
+        self.done: dict[str, tuple[str, str | None]] = {}
+        self.ready = {g.stem: threading.Event() for g in guides}
+        self.lanes = {flag: threading.Thread(target=self._lane, daemon=True,
+                                             args=([g for g in guides if (g.stem in LEDGER_LANE) == flag],))
+                      for flag in (True, False)}
+
+    def start(self, ledger_lane: bool) -> None:
+        if self.lanes[ledger_lane].ident is None:  # once
+            self.lanes[ledger_lane].start()
+
+    def wait_lane(self, ledger_lane: bool) -> None:
+        if self.lanes[ledger_lane].ident is not None:
+            self.lanes[ledger_lane].join()
+
+    def join(self) -> None:
+        for flag in self.lanes:
+            self.wait_lane(flag)
+
+    def _lane(self, lane: list[Path]) -> None:
+        for guide in lane:
+            try:
+                self.done[guide.stem] = self._one(guide)
+            except Exception as e:  # a harness error fails that guide's test instead of hanging it
+                self.done[guide.stem] = (guide.name, f"{guide.name}: {type(e).__name__}: {e}")
+            self.ready[guide.stem].set()
+
+    def _one(self, guide: Path) -> tuple[str, str | None]:
+        work = self.dir / guide.stem
+        (work / "runs").mkdir(parents=True)
+        (work / "runs" / "speedrun").symlink_to(self.speedrun, target_is_directory=True)
+        line, failure = _run_script(chapter_script(guide, GUIDE_SKIP_REASONS), work, self.env, guide.name)
+        if failure:
+            return line, failure
+        # checked after each guide against the speedrun as chapter 1 left it: the first guide to finish after a stray
+        # write reports it (the writer may be the other lane's guide, or a chapter running beside this lane)
+        after = _snapshot(self.speedrun)
+        changed = sorted(k for k in self.before.keys() | after.keys() if self.before.get(k) != after.get(k))
+        if changed:
+            return line, (f"runs/speedrun changed by the time {guide.name} ended ({changed[:5]}); guides and chapters "
+                          "2-8 write only their own folders (two lanes of guides run beside the course: the writer may "
+                          "be another guide or a chapter)")
+        ledger = (self.speedrun / "ledger.jsonl").read_bytes()
+        if not ledger.startswith(self.ledger):
+            return line, f"the speedrun's ledger was rewritten while {guide.name} ran"
+        # an entry appended for this guide's output (an export's `out`, an evaluation's `results_file`) outside the
+        # ledger lane could race a `provenance verify` in the other lane
+        if guide.stem not in LEDGER_LANE and str(work).encode() in ledger[len(self.ledger):]:
+            return line, f"{guide.name} appends to the speedrun's ledger: add {guide.stem!r} to LEDGER_LANE"
+        return line, None
+
+    def result(self, stem: str) -> tuple[str, str | None]:
+        self.ready[stem].wait()
+        return self.done[stem]
+
+
+def _guide_runs(request, course_env: dict) -> GuideRuns:
+    """The session's GuideRuns (made once): every guide this session selected, in its lane, none started yet."""
+    if "guides" not in course_env:
+        selected = {item.callspec.params["guide"] for item in request.session.items
+                    if item.originalname == "test_guide_commands_run" and hasattr(item, "callspec")}
+        course_env["guides"] = GuideRuns([g for g in GUIDES if g in selected], course_env)
+    return course_env["guides"]
+
+
+@pytest.fixture(scope="module")
+def guide_runs(request, course_env) -> GuideRuns:
+    """Both lanes of guides started (after the course, or after chapter 1 when the guides run alone)."""
     speedrun = course_env["dir"] / "runs" / "speedrun"
     if not (speedrun / "report.json").is_file():  # run alone (-k guide): make the speedrun the guides start from
         first = CHAPTERS[0]
@@ -191,12 +307,21 @@ def test_guide_commands_run(guide, course_env):
         course_env["failed"].append(first.stem)
         _run(chapter_script(first), course_env["dir"], course_env["env"], first.name)
         course_env["failed"].remove(first.stem)
-    script = chapter_script(guide, GUIDE_SKIP_REASONS)
-    work = course_env["dir"] / "guides" / guide.stem
-    (work / "runs").mkdir(parents=True)
-    (work / "runs" / "speedrun").symlink_to(speedrun, target_is_directory=True)
-    before, ledger = _snapshot(speedrun), (speedrun / "ledger.jsonl").read_bytes()
-    _run(script, work, course_env["env"], guide.name)
-    changed = sorted(k for k in before.keys() | _snapshot(speedrun).keys() if before.get(k) != _snapshot(speedrun).get(k))
-    assert not changed, f"{guide.name} wrote into runs/speedrun ({changed[:5]}); a guide writes only its own folders"
-    assert (speedrun / "ledger.jsonl").read_bytes().startswith(ledger), "the speedrun's ledger was rewritten"
+    runs = _guide_runs(request, course_env)
+    runs.start(ledger_lane=False)
+    runs.start(ledger_lane=True)
+    yield runs
+    runs.join()  # a failed or interrupted session still waits for the lanes (each script is capped at 600 s)
+
+
+def test_ledger_lane_names_guides_and_a_chapter():
+    assert set(LEDGER_LANE) <= {g.stem for g in GUIDES}
+    assert any(c.stem.startswith(LEDGER_READERS_FROM) for c in CHAPTERS)
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=[p.stem for p in GUIDES])
+def test_guide_commands_run(guide, guide_runs):
+    line, failure = guide_runs.result(guide.stem)
+    print(line)
+    if failure:
+        pytest.fail(failure)
