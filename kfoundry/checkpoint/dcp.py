@@ -31,9 +31,6 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
 
 from kfoundry.checkpoint.manifest import files_of, verify, write_manifest
 from kfoundry.errors import CheckpointError
@@ -76,6 +73,10 @@ def clean_name(name: str) -> str:
 
 def full_model_state(model) -> dict[str, torch.Tensor]:
     """The unsharded weights on rank 0's host memory (a collective: every rank calls it; others get {})."""
+    # torch.distributed.checkpoint is imported where it is used: at import it costs ~1 CPU-second, which every
+    # kfoundry process would pay, most of which never write a sharded checkpoint.
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {clean_name(k): v for k, v in sd.items()} if _rank_world()[0] == 0 else {}
 
@@ -144,6 +145,9 @@ def save_sharded(final: str | Path, model, optimizer, write_rest: Callable[[Path
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    import torch.distributed.checkpoint as dcp  # see full_model_state
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     if async_save:
@@ -173,6 +177,9 @@ def verify_sharded(path: str | Path) -> None:
 def load_sharded(path: str | Path, model, optimizer) -> None:
     """Weights and optimizer state into (possibly sharded) `model`/`optimizer`, at any world size. Call only on
     a directory `verify_sharded` has passed: DCP unpickles its metadata."""
+    import torch.distributed.checkpoint as dcp  # see full_model_state
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(Path(path) / DCP_DIR))

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.varlen import varlen_attn
 
 # ------------------------------------------------------------------------------------------ dense (inference)
 
@@ -197,4 +196,7 @@ def _varlen_causal(q, k, v, cu_seqlens: torch.Tensor, max_len: int, gqa: bool) -
     """FlashAttention's variable-length kernel over the flattened batch. `max_len` is the row length (an upper
     bound on any document): a constant, so torch.compile never recompiles for a new longest document, and the
     kernel's extra blocks for shorter documents exit at once."""
+    # Imported here: the module pulls in torch._dynamo, ~1.7 CPU-seconds at every start of a CPU-only process.
+    from torch.nn.attention.varlen import varlen_attn
+
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(-1, 0), enable_gqa=gqa)
