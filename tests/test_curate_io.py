@@ -112,3 +112,18 @@ def test_lean_reader_builds_datatrove_s_documents(tmp_path):
     _write_all(_reference(tmp_path / "gz_ref", flat_record, "gzip", "${rank}.jsonl.gz"), docs, rank=0)
     fast = gzip.decompress((tmp_path / "gz" / "00000.jsonl.gz").read_bytes())
     assert len(fast) > 1 << 20 and fast == gzip.decompress((tmp_path / "gz_ref" / "00000.jsonl.gz").read_bytes())
+
+
+def test_worker_modules_are_preloaded_in_the_fork_server():
+    """The local executor's fork server is told to import what every stage's workers unpickle, so that each
+    stage's pool does not import kfoundry, datatrove and kiwipiepy again in every worker."""
+    import importlib
+
+    from multiprocess import forkserver
+
+    from kfoundry.data.curate.stages import WORKER_MODULES, preload_worker_modules
+
+    preload_worker_modules()
+    assert forkserver._forkserver._preload_modules == ["__main__", *WORKER_MODULES]
+    for name in WORKER_MODULES:  # a misspelt name would be skipped silently by the fork server
+        importlib.import_module(name)
