@@ -93,3 +93,37 @@ def test_lean_filter_keeps_and_excludes_what_datatrove_s_loop_does(tmp_path):
     assert outputs["lean"] == outputs["datatrove"]
     kept, removed = outputs["lean"]
     assert 0 < len(kept) < len(texts) * 2 and removed.count(b'"filter_reason":"lang_') == len(texts) * 2 - len(kept)
+
+
+def test_lean_reader_builds_datatrove_s_documents(tmp_path):
+    """RankJsonlReader's own loop (no per-document timer or statistics) yields the documents datatrove's
+    JsonlReader builds from the same file: text, id, metadata; and a file over the 1 MiB gzip write buffer
+    decompresses to datatrove's records."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    docs = _docs() * 1000  # ~1.6 MB of records: several gzip blocks
+    _write_all(stage_writer(tmp_path / "fast"), docs, rank=0)
+    ours = list(RankJsonlReader(tmp_path / "fast").run(rank=0))
+    ref = list(JsonlReader(str(tmp_path / "fast"), add_file_path=False).read_file("00000.jsonl"))
+    assert len(ours) == len(docs) == len(ref)
+    assert [(d.text, d.id, d.metadata, d.media) for d in ours] == [(d.text, d.id, d.metadata, d.media) for d in ref]
+    assert [d.text for d in ours] == [d.text for d in docs]  # NFD and emoji come back as written
+    _write_all(stage_writer(tmp_path / "gz", compressed=True), docs, rank=0)
+    _write_all(_reference(tmp_path / "gz_ref", flat_record, "gzip", "${rank}.jsonl.gz"), docs, rank=0)
+    fast = gzip.decompress((tmp_path / "gz" / "00000.jsonl.gz").read_bytes())
+    assert len(fast) > 1 << 20 and fast == gzip.decompress((tmp_path / "gz_ref" / "00000.jsonl.gz").read_bytes())
+
+
+def test_worker_modules_are_preloaded_in_the_fork_server():
+    """The local executor's fork server is told to import what every stage's workers unpickle, so that each
+    stage's pool does not import kfoundry, datatrove and kiwipiepy again in every worker."""
+    import importlib
+
+    from multiprocess import forkserver
+
+    from kfoundry.data.curate.stages import WORKER_MODULES, preload_worker_modules
+
+    preload_worker_modules()
+    assert forkserver._forkserver._preload_modules == ["__main__", *WORKER_MODULES]
+    for name in WORKER_MODULES:  # a misspelt name would be skipped silently by the fork server
+        importlib.import_module(name)

@@ -13,7 +13,8 @@ import pytest
 from datatrove.data import Document
 from datatrove.pipeline.filters import FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import find_all_duplicate, find_top_duplicate, get_n_grams
-from datatrove.utils.text import PUNCTUATION_SET
+from datatrove.utils.hashing import create_hash_func
+from datatrove.utils.text import PUNCTUATION_SET, simplify_text
 
 from kfoundry.data.curate import builtin_recipes, load_recipe
 from kfoundry.data.curate.accounting import StepTally, check_identity, merge_step
@@ -31,7 +32,9 @@ from kfoundry.data.curate.quality import (
 )
 from kfoundry.data.curate.recipe import recipe_from_dict
 from kfoundry.data.curate.words import KoreanWords, LatinWords, SpaceWords
-from kfoundry.text import hangul_share
+from kfoundry.text import hangul_share, nfc
+
+from conftest import MIXED_TEXTS
 
 CONSTITUTION = (
     "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
@@ -84,6 +87,49 @@ def test_normalize_repairs_and_drops():
 
 # ---------------------------------------------------------------------------------------------------------
 # language
+
+
+# Inputs for every repair the normalize step makes, each alone and glued to plain text.
+CRAFTED = [
+    "ì•ˆë…•í•˜ì„¸ìš” ë°˜ê°‘ìŠµë‹ˆë‹¤",               # UTF-8 read as CP1252 (ftfy repairs it)
+    "안녕하세요".encode("cp949").decode("latin-1"),   # CP949 read as Latin-1 (repaired here)
+    unicodedata.normalize("NFD", "정말 재밌는 영화였어요"), "\u1100\u1161 jamo",
+    "이모지 😀🎉👍🏽 and 🇰🇷", "1,234,567원 3.14% 010-0000-0000", "The café’s “quotes” – dash… ‘ok’",
+    "CRLF\r\n줄바꿈\r끝", "trailing spaces   \nand tabs\t\n", "\n\nleading and trailing\n\n",
+    "blank\n\n\n\nruns", "ctrl\x00\x07\x1b chars\x7f\x85", "nbsp\xa0thin\u2009ideographic\u3000space",
+    "zero\u200bwidth\ufeffbom\u2060joiner", "private \ue000\uf8ff use", "\ufffd\ufffd\ufffd\ufffd",
+    "\x01\x02\x03\x04 junk", "  \t  ", "", "   ", "\t들여쓰기\n  유지", "Ã©tÃ© naÃ¯ve", "a\n\nb", "½ ² ³ Ⅷ",
+    "소프트\xadhyphen", "latin ÀÉÎÕÜ ñ", "\u2028line sep\u2029para", "x" * 50 + "\n",
+]
+
+
+def test_normalize_precheck_is_exact(shared_data):
+    """Skipping steps 2-5 for a text without any character they act on gives the same text, drop reason and
+    counted changes as running them, on NSMC reviews and on crafted inputs for every repair (mojibake of both
+    kinds, NFD, emoji, controls, spaces, line breaks); and ftfy leaves the texts the precheck skips unchanged."""
+    import ftfy
+
+    from kfoundry.data.curate.normalize import _NEEDS_REPAIR, _ftfy_config
+
+    with gzip.open(shared_data / "ko" / "nsmc" / "reviews.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in itertools.islice(f, 20000)]
+    crafted = CRAFTED + MIXED_TEXTS
+    texts += crafted + [c + " " + t for c in crafted for t in texts[:20]] + [t + c for c in crafted for t in texts[:20]]
+    cfgs = [NormalizeConfig(), NormalizeConfig(min_chars=5, max_chars=40, max_junk_fraction=0.05),
+            NormalizeConfig(fix_mojibake=False)]
+    skipped = 0
+    for cfg in cfgs:
+        for t in texts:
+            fast_changes, slow_changes = Counter(), Counter()
+            assert normalize_text(t, cfg, fast_changes) == normalize_text(t, cfg, slow_changes, precheck=False), t
+            assert fast_changes == slow_changes, t
+            skipped += not _NEEDS_REPAIR.search(t)
+    assert skipped > 0.9 * len(texts)  # the precheck does skip the common case
+    assert sum(bool(_NEEDS_REPAIR.search(t)) for t in crafted) >= 20  # and the crafted ones take the full path
+    ftfy_cfg = _ftfy_config()
+    for t in texts[:3000] + [t for t in crafted if not _NEEDS_REPAIR.search(t)]:
+        if not _NEEDS_REPAIR.search(t):
+            assert ftfy.fix_text(t, ftfy_cfg) == t, t
 
 
 def test_language_routes(mixed_texts):
@@ -164,6 +210,39 @@ def test_short_circuits_give_the_same_verdict(shared_data, mixed_texts):
     every = "".join(chr(c) for c in range(0x3190)) + "\u3000\u2028\u00a0…😀"
     for t in texts + [every]:  # the regex count is the per-character definition
         assert max_words(t) == sum(1 for c in t if c not in PUNCTUATION_SET and not c.isspace())
+
+
+def test_one_line_fineweb_verdict_is_datatrove_s(mixed_texts):
+    """The arithmetic one-line FineWeb verdict equals datatrove's filter (verdict and reason) under settings
+    that make each of its rules fire, on Korean, English, digits, emoji and NFD lines."""
+    lines = [t for t in mixed_texts + CRAFTED if t.strip() and "\n" not in t] + [
+        "짧다.", "정말 재밌다!", "끝나지 않는 문장", "…", "?", "x" * 40 + ".", unicodedata.normalize("NFD", "끝.")]
+    settings = [{}, {"line_punct_thr": 0.062, "short_line_thr": 999, "char_duplicates_ratio": 0.1,
+                     "new_line_ratio": 0.196}, {"line_punct_exclude_zero": True}, {"line_punct_thr": 0.0},
+                {"line_punct_thr": 0.0, "short_line_thr": 0.5}, {"line_punct_thr": 0.0, "short_line_thr": 1.0},
+                {"line_punct_thr": 0.0, "short_line_thr": 2, "char_duplicates_ratio": -1},
+                {"line_punct_thr": 0.0, "short_line_thr": 2, "new_line_ratio": -1}, {"stop_chars": ("다",)}]
+    reasons = Counter()
+    for kwargs in settings:
+        fast = ShortCircuitFineWebQuality(language=SpaceWords(), **kwargs)
+        slow = FineWebQualityFilter(language=SpaceWords(), **kwargs)
+        for t in lines:
+            verdict = slow.filter(doc(t))
+            assert fast.filter(doc(t)) == verdict, (kwargs, t)
+            reasons[verdict if verdict is True else verdict[1]] += 1
+    assert len(reasons) == 5, reasons  # kept, and each of the four rules fired
+
+
+def test_joined_words_grams():
+    """JoinedWords' slices are the joins of every window, for every n and separator."""
+    from kfoundry.data.curate.words import JoinedWords
+
+    words = ["가", "", "나다", "😀", "ab", "a", "bc", unicodedata.normalize("NFD", "한"), "12"]
+    for k in range(len(words) + 1):
+        for sep in ("", " ", "--"):
+            joined = JoinedWords(words[:k], sep)
+            for n in range(1, k + 3):
+                assert joined.grams(n) == [sep.join(words[i:i + n]) for i in range(k - n + 1)], (k, sep, n)
 
 
 def test_fast_repetition_statistics_are_datatrove_s(shared_data):
@@ -305,6 +384,29 @@ def test_decontamination_index_and_filter(tmp_path):
     assert f.filter(doc("THE QUICK brown fox, jumps over the lazy dog while the cat watches from the old")) == (
         False, "contaminated")
     assert f.filter(doc("짧은 문장")) is True
+    # the loop over joined n-grams and the inlined hash find what datatrove's join-and-hash loop finds, first
+    # match first (the n-gram and task recorded), on hits, misses, NFD, emoji and digits
+    hash_fn = create_hash_func(f.config.hash_config)
+
+    def reference(text):
+        words = f.tokenizer.word_tokenize(simplify_text(text, f.config.norm_config))
+        for n in f._sizes:
+            for i in range(len(words) - n + 1):
+                task = f._index_hashes.get(hash_fn(" ".join(words[i:i + n])))
+                if task is not None:
+                    return " ".join(words[i:i + n]), task
+        return None
+
+    probes = [hit.text, "앞 " + " ".join(words[3:15]) + " 뒤", fox.upper() + " 😀 2026", short_item + " " + short_item,
+              unicodedata.normalize("NFD", long_item), "12,345원 " + " ".join(words[:13]) + " 끝"] + MIXED_TEXTS
+    found = 0
+    for text in probes:
+        d, want = doc(text), reference(text)
+        assert (f.filter(d) is True) == (want is None), text
+        if want is not None:
+            found += 1
+            assert (d.metadata["contaminated_ngram"], d.metadata["contaminated_task"]) == (nfc(want[0]), want[1])
+    assert found >= 4
     # the same settings reuse the index; other settings rebuild it
     assert build_index([sets], tmp_path / "index", n_grams=13, min_item_words=8) == report
     assert build_index([sets], tmp_path / "index", n_grams=10, min_item_words=8)["sizes"] == [8, 10]

@@ -45,7 +45,6 @@ does not crash the worker: `ByLanguage` drops that document as `error_<Exception
 from __future__ import annotations
 
 import inspect
-import itertools
 import re
 from collections import Counter
 from typing import Any
@@ -55,7 +54,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 
 from kfoundry.data.curate.lean import LeanFilter
-from kfoundry.data.curate.words import KoreanWords, LatinWords, SpaceWords
+from kfoundry.data.curate.words import JoinedWords, KoreanWords, LatinWords
 
 # Step name -> datatrove class, in the order the steps run.
 QUALITY_FILTERS: dict[str, type] = {
@@ -122,41 +121,54 @@ class ShortCircuitFineWebQuality(FineWebQualityFilter):
     """FineWebQualityFilter that judges one-line documents without the language's tokenizer (same verdict).
 
     Its only word-based rule is `newlines / words > new_line_ratio`, which is 0 for a document without a
-    newline, whatever the words; a clone with a whitespace tokenizer gives the same answer for such documents.
+    newline, whatever the words. For such a document (and one that is not blank) datatrove's rules reduce to
+    arithmetic on one line, computed here in the same order, with the same formulas and reasons:
+    `lines == [text]`, so the punctuation ratio is 1.0 or 0.0 (does the line end with a stop character), the
+    short-line ratio 1.0 or 0.0 (is it at most `short_line_length` long), the duplicated-line characters 0,
+    and the newline ratio 0 / (>= 1 word). Most web one-liners and short reviews end here, at the first rule.
     """
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._one_line = FineWebQualityFilter(**{**kwargs, "language": SpaceWords()})
+    def one_line_verdict(self, text: str) -> bool | tuple[bool, str]:
+        """datatrove's verdict on a text without "\n" that is not blank (see the class docstring)."""
+        ratio = 1.0 if text.endswith(self.stop_chars) else 0.0
+        if ratio < self.line_punct_thr and not (ratio == 0 and self.line_punct_exclude_zero):
+            return False, "line_punct_ratio"
+        if (1.0 if len(text) <= self.short_line_length else 0.0) > self.short_line_threshold:
+            return False, "short_line_ratio"
+        if 0.0 > self.char_duplicates_ratio:  # no line repeats another: 0 duplicated characters
+            return False, "char_dup_ratio"
+        if 0.0 > self.new_line_ratio:  # no newline, and a non-blank line holds at least one word
+            return False, "list_ratio"
+        return True
 
     def filter(self, doc) -> bool | tuple[bool, str]:
-        if "\n" not in doc.text and doc.text.strip():
-            return self._one_line.filter(doc)
+        text = doc.text
+        if "\n" not in text and text.strip():
+            return self.one_line_verdict(text)
         return super().filter(doc)
 
 
 def n_gram_strings(words: list[str], n: int, sep: str) -> list[str]:
     """`[sep.join(words[i:i + n]) for i in range(len(words) - n + 1)]`, as slices of one joined string."""
-    joined = sep.join(words)
-    starts = list(itertools.accumulate((len(w) + len(sep) for w in words), initial=0))
-    cut = len(sep)
-    return [joined[starts[i]:starts[i + n] - cut] for i in range(len(words) - n + 1)]
+    return JoinedWords(words, sep).grams(n)
 
 
-def top_duplicate_chars(words: list[str], n: int) -> int | None:
+def top_duplicate_chars(words: list[str] | JoinedWords, n: int) -> int | None:
     """datatrove's `find_top_duplicate(get_n_grams(words, n))`: characters of the most frequent space-joined
-    n-gram times its count (the first such n-gram on a tie, as `Counter.most_common`); None without n-grams."""
-    grams = n_gram_strings(words, n, " ")
+    n-gram times its count (the first such n-gram on a tie, as `Counter.most_common`); None without n-grams.
+    `words` may be a `JoinedWords(words, " ")` shared between calls."""
+    grams = (words if isinstance(words, JoinedWords) else JoinedWords(words, " ")).grams(n)
     if not grams:
         return None
     gram, count = Counter(grams).most_common(1)[0]
     return len(gram) * count
 
 
-def all_duplicate_chars(words: list[str], n: int) -> int:
+def all_duplicate_chars(words: list[str] | JoinedWords, n: int) -> int:
     """datatrove's `find_all_duplicate(words, n)`: characters of the n-grams (words joined without a space)
-    that repeat an earlier one, scanning left to right and skipping past each repeat."""
-    grams = n_gram_strings(words, n, "")
+    that repeat an earlier one, scanning left to right and skipping past each repeat. `words` may be a
+    `JoinedWords(words, "")` shared between calls."""
+    grams = (words if isinstance(words, JoinedWords) else JoinedWords(words, "")).grams(n)
     if len(set(grams)) == len(grams):  # no n-gram repeats: the scan below would count nothing
         return 0
     seen: set[str] = set()
@@ -190,13 +202,17 @@ class FastGopherRepetition(GopherRepetitionFilter):
             return verdict
         words = split_into_words(doc.text, self.language)
         chars = len(doc.text)
-        for n, frac in top:
-            top_chars = top_duplicate_chars(words, n)
-            if top_chars is not None and top_chars / chars > frac:
-                return False, f"top_{n}_gram"
-        for n, frac in dup:
-            if all_duplicate_chars(words, n) / chars > frac:
-                return False, f"duplicated_{n}_n_grams"
+        if top:
+            spaced = JoinedWords(words, " ")
+            for n, frac in top:
+                top_chars = top_duplicate_chars(spaced, n)
+                if top_chars is not None and top_chars / chars > frac:
+                    return False, f"top_{n}_gram"
+        if dup:
+            glued = JoinedWords(words, "")
+            for n, frac in dup:
+                if all_duplicate_chars(glued, n) / chars > frac:
+                    return False, f"duplicated_{n}_n_grams"
         return True
 
 
