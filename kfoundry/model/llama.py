@@ -35,12 +35,12 @@ own slice, so the sharded model starts from exactly the weights one process woul
 from __future__ import annotations
 
 import math
-import sys
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from kfoundry.config import ModelConfig
 from kfoundry.model import masks
@@ -66,14 +66,11 @@ def normal_(param: torch.Tensor, std: float, generator: torch.Generator | None) 
     and keeps its own slice: the random stream, and so the weights, are those of a single process, whatever the
     number of ranks (the test of a 2-rank run against one process relies on it). Peak memory: one whole
     parameter at a time."""
-    # A DTensor exists only once torch.distributed.tensor has been imported (FSDP2 imports it). Looking it up in
-    # sys.modules spares the processes that never shard (serving, evaluation, export) its ~0.6 s import.
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(param, dtensor.DTensor):
+    if isinstance(param, DTensor):
         local = param.to_local()
         whole = torch.empty(param.shape, dtype=param.dtype, device=local.device).normal_(0.0, std, generator=generator)
         # src_data_rank=None: every rank drew the same tensor, so each takes its slice without communication
-        local.copy_(dtensor.distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local())
+        local.copy_(distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local())
     else:
         param.normal_(0.0, std, generator=generator)
 
