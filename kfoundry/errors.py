@@ -1,8 +1,22 @@
 """Errors a user can cause and fix, as one family.
 
 The CLI prints a `KFoundryError` as one line (`kfoundry: error: ...`) and exits 2; any other exception is a bug
-and keeps its traceback. Each subclass also derives from `ValueError`, so code that already catches
-`ValueError` around a configuration or a file keeps working.
+(or a failure inside a library we call) and keeps its traceback. That is the whole rule: the CLI looks at the
+class, never at where or how the exception was raised, so every check in kfoundry that a user can trip raises
+one of these (tests/test_errors.py fails on a bare `raise ValueError(...)` that is not on its list of internal
+invariants).
+
+Each subclass also derives from the builtin exception that the check raised before this family existed
+(`ValueError`, `FileNotFoundError`, `FileExistsError`, `NotADirectoryError`, `ImportError`), so code that
+catches the builtin keeps working: `except ValueError` around a configuration, `pytest.raises(ValueError)`, and
+pydantic validators, which turn a `ValueError` into a 422 response.
+
+Which class to raise:
+- `ConfigError`: a setting, option, recipe, preset or argument (including `--out` that already exists);
+- `CheckpointError`: a checkpoint, export or other model file (weights, config.json, tokenizer, chat template);
+- `DataError`: input data (corpora, shards, chat and preference files, evaluation sets, a request's content);
+- `MissingPathError` / `PathExistsError` / `NotADirError`: a path that is missing, in the way, or not a folder;
+- `DependencyError`: an optional package or program that is not installed.
 """
 
 from __future__ import annotations
@@ -17,7 +31,8 @@ class ConfigError(KFoundryError, ValueError):
 
 
 class CheckpointError(KFoundryError, ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or not ours to load."""
+    """A checkpoint or other model file (weights, config, tokenizer) that is missing, incomplete, corrupt, or
+    not one kfoundry can load or write as asked."""
 
 
 class DataError(KFoundryError, ValueError):
@@ -29,4 +44,13 @@ class DependencyError(KFoundryError, ImportError):
 
 
 class MissingPathError(KFoundryError, FileNotFoundError):
-    """A path the user named does not exist (also a FileNotFoundError, for code that catches that)."""
+    """A path the user named does not exist, or lacks a file it must hold (also a FileNotFoundError, for code
+    that catches that)."""
+
+
+class PathExistsError(KFoundryError, FileExistsError):
+    """A path that must not exist yet already does (also a FileExistsError, for code that catches that)."""
+
+
+class NotADirError(KFoundryError, NotADirectoryError):
+    """A path that must be a directory is a file (also a NotADirectoryError, for code that catches that)."""

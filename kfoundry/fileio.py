@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from kfoundry.errors import PathExistsError
+
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -87,7 +89,7 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
                     os.fsync(f.fileno())
         if final.exists():
             if not overwrite:
-                raise FileExistsError(f"{final} already exists")
+                raise PathExistsError(f"{final} already exists")
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

@@ -176,6 +176,6 @@ def engine_app(path: Path, cfg, workdir: Path, *, engine: str = "torch", max_bat
         if hf_dir is None:
             hf_dir = export_hf(path, workdir / "hf")
         elif not (Path(hf_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"--hf-dir: not a Hugging Face export (no config.json): {hf_dir}")
+            raise MissingPathError(f"--hf-dir: not a Hugging Face export (no config.json): {hf_dir}")
         server = VllmEngine(hf_dir, tensor_parallel=tensor_parallel, dtype=vllm_dtype, vllm=vllm, **common)
     return create_app(server.start(), tokenizer, cfg), server

@@ -1,7 +1,8 @@
 """The package's layering, read from its imports (ast), as docs and DESIGN.md describe it.
 
 - No import cycle between files (a module-level or a function-level import counts alike).
-- `model/` is pure PyTorch: it imports torch, the standard library and `kfoundry.config`, nothing else.
+- `model/` is pure PyTorch: it imports torch, the standard library, `kfoundry.config` and `kfoundry.errors`
+  (the ground floor), nothing else.
 - The checkpoint format does not import provenance or training (they sit above it).
 - The speedrun sits on top: no library module imports `kfoundry.speedrun`, and its stages live in that package
   (no `speedrun_*` function or `append_*_section` report writer elsewhere).
@@ -113,11 +114,12 @@ def raw_imports(path: Path) -> set[str]:
 
 
 def impure_model_imports(imports: set[str]) -> list[str]:
-    """What a model/ file may not import: anything but torch, the standard library, kfoundry.config and model/."""
+    """What a model/ file may not import: anything but torch, the standard library, kfoundry.config,
+    kfoundry.errors (user errors are raised as KFoundryErrors everywhere) and model/."""
     def allowed(name: str) -> bool:
         top = name.split(".")[0]
         return (top == "torch" or top in sys.stdlib_module_names or name == "kfoundry.config"
-                or name == "kfoundry.model" or name.startswith("kfoundry.model."))
+                or name == "kfoundry.errors" or name == "kfoundry.model" or name.startswith("kfoundry.model."))
 
     return sorted(n for n in imports if not allowed(n))
 
@@ -128,7 +130,7 @@ def test_model_is_pure_pytorch():
 
 
 def test_the_model_purity_check_names_what_it_forbids():
-    assert impure_model_imports({"torch.nn.functional", "math", "__future__", "kfoundry.config",
+    assert impure_model_imports({"torch.nn.functional", "math", "__future__", "kfoundry.config", "kfoundry.errors",
                                  "kfoundry.model.llama"}) == []
     assert impure_model_imports({"numpy", "kfoundry.checkpoint", "safetensors.torch", "kfoundry.fileio",
                                  "kfoundry.configx"}) == ["kfoundry.checkpoint", "kfoundry.configx", "kfoundry.fileio",

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 
 from kfoundry.checkpoint import save_checkpoint
 from kfoundry.config import ModelConfig
+from kfoundry.errors import CheckpointError, ConfigError, MissingPathError
 from kfoundry.fileio import read_json, sha256_bytes, sha256_file
 from kfoundry.model.llama import Transformer
 from kfoundry.provenance import record_checkpoint
@@ -50,7 +51,7 @@ SAFE_INDEX = "model.safetensors.index.json"
 DERIVED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(CheckpointError):
     """The source config asks for something our model cannot compute exactly; `.fields` names each problem."""
 
     def __init__(self, source: str, fields: dict[str, str]):
@@ -155,17 +156,17 @@ def weight_files(hf_dir: Path) -> list[Path]:
         index = read_json(hf_dir / SAFE_INDEX)
         names = sorted(set(index.get("weight_map", {}).values()))
         if not names:
-            raise ValueError(f"{hf_dir / SAFE_INDEX} names no weight files")
+            raise CheckpointError(f"{hf_dir / SAFE_INDEX} names no weight files")
         missing = [n for n in names if not (hf_dir / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"{hf_dir}: weight shards named in {SAFE_INDEX} are missing: {missing}")
+            raise MissingPathError(f"{hf_dir}: weight shards named in {SAFE_INDEX} are missing: {missing}")
         return [hf_dir / n for n in names]
     if (hf_dir / SAFE_WEIGHTS).is_file():
         return [hf_dir / SAFE_WEIGHTS]
     if any(hf_dir.glob("*.bin")) or any(hf_dir.glob("*.pt")) or any(hf_dir.glob("*.pth")):
-        raise ValueError(f"{hf_dir} holds pickled PyTorch weights only; kfoundry reads safetensors (never pickles). "
-                         "Re-save with save_pretrained(dir, safe_serialization=True)")
-    raise FileNotFoundError(f"{hf_dir} has no {SAFE_WEIGHTS} or {SAFE_INDEX}")
+        raise CheckpointError(f"{hf_dir} holds pickled PyTorch weights only; kfoundry reads safetensors "
+                              "(never pickles). Re-save with save_pretrained(dir, safe_serialization=True)")
+    raise MissingPathError(f"{hf_dir} has no {SAFE_WEIGHTS} or {SAFE_INDEX}")
 
 
 def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -176,7 +177,7 @@ def read_weights(files: list[Path]) -> tuple[dict[str, torch.Tensor], list[str]]
         with safe_open(str(f), framework="pt", device="cpu") as handle:
             for key in handle.keys():
                 if key in tensors:
-                    raise ValueError(f"tensor {key!r} appears in more than one weight file")
+                    raise CheckpointError(f"tensor {key!r} appears in more than one weight file")
                 t = handle.get_tensor(key)
                 dtypes.add(str(t.dtype).removeprefix("torch."))
                 tensors[key] = t.float() if t.is_floating_point() else t
@@ -197,17 +198,18 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: s
         head = state.pop("lm_head.weight", None)
         emb = state.get("model.embed_tokens.weight")
         if head is not None and emb is not None and not torch.equal(head, emb):
-            raise ValueError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from the embedding")
+            raise CheckpointError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from the "
+                                  "embedding")
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match a Llama model of this config "
-                         f"(missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                         f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
+        raise CheckpointError(f"{source}: weights do not match a Llama model of this config "
+                              f"(missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''})")
     wrong = {k: (tuple(state[k].shape), shape) for k, shape in expected.items() if tuple(state[k].shape) != shape}
     if wrong:
         k, (got, want) = next(iter(wrong.items()))
-        raise ValueError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k}: {got} != {want}")
+        raise CheckpointError(f"{source}: {len(wrong)} tensors have the wrong shape, e.g. {k}: {got} != {want}")
     return state
 
 
@@ -224,7 +226,7 @@ def _compatible_tokenizer(hf_dir: Path, tokenizer: str | Path | None, vocab_size
     else:
         return None, "it has no tokenizer.json"
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+        raise CheckpointError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
     return tok, None
 
 
@@ -237,16 +239,16 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, tokenizer: str | Path | No
     """
     hf_dir = Path(hf_dir)
     if Path(out).exists() and not overwrite:
-        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
     if not hf_dir.is_dir():
-        raise FileNotFoundError(f"Hugging Face model directory not found: {hf_dir}")
+        raise MissingPathError(f"Hugging Face model directory not found: {hf_dir}")
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
+        raise MissingPathError(f"{hf_dir} has no config.json (not a Hugging Face model directory)")
     try:
         hf = read_json(config_path)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+        raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
     cfg = model_config_from_hf(hf, source=str(hf_dir))
     files = weight_files(hf_dir)
     tok, note = _compatible_tokenizer(hf_dir, tokenizer, cfg.vocab_size)

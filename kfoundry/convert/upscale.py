@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kfoundry import checkpoint as ckpt_io
+from kfoundry.errors import CheckpointError, ConfigError
 from kfoundry.fileio import sha256_file
 from kfoundry.model.llama import Transformer
 from kfoundry.model.upscale import (EXTERNAL_FIELDS, dus_plan, format_plan, parse_layer_plan, upscale_config,
@@ -24,10 +25,10 @@ def upscale_checkpoint(model_dir: str | Path, out: str | Path, *, drop: int | No
     state is written: continued pretraining starts a fresh optimizer and a fresh schedule.
     """
     if (drop is None) == (layers is None):
-        raise ValueError("give exactly one of --drop M or --layers PLAN")
+        raise ConfigError("give exactly one of --drop M or --layers PLAN")
     model_dir = Path(model_dir)
     if Path(out).exists() and not overwrite:
-        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
     parent_cfg = ckpt_io.load_config(model_dir)  # FileNotFoundError with a clear message if it is not one
     n = parent_cfg.n_layers
     plan = dus_plan(n, drop) if drop is not None else parse_layer_plan(layers, n)
@@ -44,7 +45,8 @@ def upscale_checkpoint(model_dir: str | Path, out: str | Path, *, drop: int | No
     child.init_weights()  # rotary buffer and the tie; every weight is overwritten just below
     missing, unexpected = child.load_state_dict(state, strict=False)
     if set(missing) - ({"lm_head.weight"} if child_cfg.tie_embeddings else set()) or unexpected:
-        raise ValueError(f"up-scaled weights do not fit the child config (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(f"up-scaled weights do not fit the child config (missing {missing}, "
+                              f"unexpected {unexpected})")
 
     parent_meta = ckpt_io.read_meta(model_dir)
     manifest = model_dir / ckpt_io.MANIFEST

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
+from kfoundry.errors import DataError
 from kfoundry.text import hangul_share, nfc
 
 # Named reasons a record is dropped. Kept in one place so docs, tests and data cards agree on the names.
@@ -46,10 +47,10 @@ EXAMPLES_PER_REASON = 3
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """A corpus spec a user can fix: a missing path, an unknown spec or file type, a bad weight.
 
-    It subclasses ValueError so the CLI prints it as one line and exits with code 2.
+    It is a `DataError` (so also a ValueError): the CLI prints it as one line and exits with code 2.
     """
 
 

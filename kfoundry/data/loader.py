@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from kfoundry.data.shards import iter_split, read_meta
+from kfoundry.errors import CheckpointError, ConfigError, DataError
 
 STATE_VERSION = 2  # 2 adds `offset` (a row may start inside a document); a version-1 state has offset 0
 
@@ -84,16 +85,16 @@ class PackedLoader:
         expect_tokenizer_hash: str | None = None,
     ) -> None:
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+            raise ConfigError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+            raise ConfigError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         self.shard_dir = Path(shard_dir)
         self.meta = read_meta(self.shard_dir, expect_tokenizer_hash)
         if split not in self.meta["splits"]:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(self.meta['splits'])}")
+            raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(self.meta['splits'])}")
         codes: dict[str, int] = self.meta["lang_codes"]
         if lang is not None and lang not in codes:
-            raise ValueError(f"unknown lang {lang!r}; choose one of {', '.join(codes)}")
+            raise ConfigError(f"unknown lang {lang!r}; choose one of {', '.join(codes)}")
         self.split, self.lang, self.loop = split, lang, loop
         self.batch_size, self.seq_len = batch_size, seq_len
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -120,7 +121,7 @@ class PackedLoader:
         self._pad_id = int(pad if pad is not None else self.meta["eos_id"])
         if loop and len(self._lengths) == 0:  # a looping loader without documents would spin forever
             what = f"split {split!r}" + (f" (lang={lang})" if lang else "")
-            raise ValueError(f"{self.shard_dir}: {what} has no documents to train on")
+            raise DataError(f"{self.shard_dir}: {what} has no documents to train on")
 
     # -----------------------------------------------------------------------------------------------------
 
@@ -242,15 +243,15 @@ class PackedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue exactly where the loader that saved `state` stopped (same shards, seed, rank layout)."""
         if state.get("version") not in (1, STATE_VERSION):
-            raise ValueError(f"unsupported loader state version {state.get('version')!r}")
+            raise CheckpointError(f"unsupported loader state version {state.get('version')!r}")
         mine = self._identity()
         wrong = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if wrong:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in wrong.items())
-            raise ValueError(f"loader state does not match this loader ({detail})")
+            raise CheckpointError(f"loader state does not match this loader ({detail})")
         epoch, position, offset = int(state["epoch"]), int(state["position"]), int(state.get("offset", 0))
         order = self._order(epoch) if epoch >= 0 else []
         in_doc = position < len(order) and 0 <= offset < self._lengths[order[position]]
         if epoch < 0 or not (in_doc or (position == len(order) and offset == 0)) or position < 0:
-            raise ValueError(f"loader state out of range: epoch={epoch} position={position} offset={offset}")
+            raise CheckpointError(f"loader state out of range: epoch={epoch} position={position} offset={offset}")
         self.epoch, self.position, self.offset = epoch, position, offset

@@ -39,6 +39,7 @@ from datatrove.pipeline.base import PipelineStep
 from kfoundry.corpus import CorpusStats, file_specs, iter_documents
 from kfoundry.data.shards import (STREAM_FILE, check_settings, encode_unit, finished_units, merge_parts, tokenizer_info,
                                   unit_key)
+from kfoundry.errors import ConfigError
 from kfoundry.fileio import atomic_write_json, read_json
 from kfoundry.tokenizer import KTokenizer
 
@@ -191,13 +192,13 @@ def shard_corpus(spec: str, tokenizer_dir: str | Path, out_dir: str | Path, *, t
 
     check_executor(executor, executor_options)
     if tasks < 1 or workers < 1:
-        raise ValueError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
+        raise ConfigError(f"--tasks and --workers must be at least 1, got {tasks} and {workers}")
     if block_docs < 1:
-        raise ValueError(f"block_docs must be positive, got {block_docs}")
+        raise ConfigError(f"block_docs must be positive, got {block_docs}")
     check_settings(val_fraction, shard_tokens, KTokenizer.load(tokenizer_dir))
     out = Path(out_dir).expanduser().resolve()
     if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; choose another --out or pass --overwrite")
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
     work = out.with_name(out.name + ".work")
     settings = {"spec": spec, "tokenizer": str(Path(tokenizer_dir).resolve()), "tasks": tasks, "seed": seed,
                 "val_fraction": val_fraction, "shard_tokens": shard_tokens, "max_chars_per_doc": max_chars_per_doc,

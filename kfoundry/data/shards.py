@@ -47,6 +47,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from kfoundry.config import write_config
+from kfoundry.errors import CheckpointError, ConfigError, DataError, MissingPathError
 from kfoundry.fileio import atomic_dir, atomic_write_json, read_json
 from kfoundry.text import nfc
 
@@ -151,11 +152,11 @@ def _batches(docs: Iterable[Any]) -> Iterator[list[Any]]:
 
 def check_settings(val_fraction: float, shard_tokens: int, tok: KTokenizer | None = None) -> None:
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        raise ConfigError(f"shard_tokens must be positive, got {shard_tokens}")
     if tok is not None and (tok.bos_id is None or tok.eos_id is None):
-        raise ValueError("the tokenizer has no BOS/EOS token; shards store every document as [BOS] tokens [EOS]")
+        raise CheckpointError("the tokenizer has no BOS/EOS token; shards store every document as [BOS] tokens [EOS]")
 
 
 def encode_unit(docs: Iterable[Document], tok: KTokenizer, parts_dir: str | Path, key: str, *,
@@ -184,8 +185,8 @@ def encode_unit(docs: Iterable[Document], tok: KTokenizer, parts_dir: str | Path
             lo = min((min(ids) for ids in encoded if ids), default=0)
             hi = max((max(ids) for ids in encoded if ids), default=0)
             if lo < 0 or hi > id_limit:
-                raise ValueError(f"token id {hi if hi > id_limit else lo} does not fit {dtype.name} "
-                                 f"(vocab_size={tok.vocab_size}); is the tokenizer's vocab_size right?")
+                raise CheckpointError(f"token id {hi if hi > id_limit else lo} does not fit {dtype.name} "
+                                      f"(vocab_size={tok.vocab_size}); is the tokenizer's vocab_size right?")
             pending: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
             for d, text, ids in zip(batch, texts, encoded):
                 if len(ids) == 0:
@@ -336,10 +337,10 @@ def merge_parts(parts_dir: str | Path, out_dir: str | Path, tok_info: dict[str, 
     for i in infos:
         dropped.update(i["dropped"])
     if seen == 0:
-        raise ValueError("the corpus produced no documents; check --corpus (and the reader's dropped counts)")
+        raise DataError("the corpus produced no documents; check --corpus (and the reader's dropped counts)")
     kept = sum(sum(i["splits"].values()) for i in infos)
     if kept == 0:
-        raise ValueError(f"all {seen} documents encoded to no tokens ({DROP_EMPTY}); nothing to shard")
+        raise DataError(f"all {seen} documents encoded to no tokens ({DROP_EMPTY}); nothing to shard")
     held = _held(parts_dir, keys, val_fraction)
     n_side = {s: sum(i["splits"][s] for i in infos) for s in SPLITS}
     # Training comes first: a one-document corpus trains; validation borrows only from a train side of 2+.
@@ -465,7 +466,7 @@ def write_shards(
     out_dir = Path(out_dir)
     check_settings(val_fraction, shard_tokens, tok)
     if out_dir.exists() and not overwrite:
-        raise ValueError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+        raise ConfigError(f"{out_dir} already exists; choose another --out or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     parts = Path(tempfile.mkdtemp(prefix=f".parts-{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -485,12 +486,12 @@ def read_meta(shard_dir: str | Path, expect_tokenizer_hash: str | None = None) -
     shard_dir = Path(shard_dir)
     path = shard_dir / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"not a shard directory (no meta.json): {shard_dir}")
+        raise MissingPathError(f"not a shard directory (no meta.json): {shard_dir}")
     meta = read_json(path)
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: unsupported shard format {meta.get('format')!r} v{meta.get('version')!r}")
+        raise DataError(f"{path}: unsupported shard format {meta.get('format')!r} v{meta.get('version')!r}")
     if expect_tokenizer_hash is not None and meta["tokenizer_hash"] != expect_tokenizer_hash:
-        raise ValueError(
+        raise DataError(
             f"{shard_dir} was written with tokenizer {meta['tokenizer_hash']}, but this tokenizer is "
             f"{expect_tokenizer_hash}; re-run `kfoundry data shard` with the tokenizer you train with"
         )
@@ -502,7 +503,7 @@ def iter_split(shard_dir: str | Path, split: str = "train") -> Iterator[tuple[np
     shard_dir = Path(shard_dir)
     meta = read_meta(shard_dir)
     if split not in meta["splits"]:
-        raise ValueError(f"unknown split {split!r}; this shard directory has {', '.join(meta['splits'])}")
+        raise ConfigError(f"unknown split {split!r}; this shard directory has {', '.join(meta['splits'])}")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
     for name in meta["splits"][split]["files"]:
         bin_path = shard_dir / name

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kfoundry.errors import ConfigError, MissingPathError
 from kfoundry.eval.scoring import rolling_windows, score
 from kfoundry.text import nfc
 
@@ -123,7 +124,7 @@ def read_lines(path: str | Path, limit: int | None = None) -> list[str]:
     """Non-empty lines of a UTF-8 text file (the first `limit` of them)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"held-out text not found: {path}")
+        raise MissingPathError(f"held-out text not found: {path}")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return lines[:limit] if limit else lines
 
@@ -139,7 +140,7 @@ def heldout_sets(spec: Sequence[str] | None, limit: int | None = None) -> dict[s
         for item in spec:
             lang, sep, path = item.partition("=")
             if not sep or not lang or not path:
-                raise ValueError(f"--bpb expects LANG=PATH, got {item!r}")
+                raise ConfigError(f"--bpb expects LANG=PATH, got {item!r}")
             pairs.append((lang, Path(path)))
     else:
         root = shared_data_dir()

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from kfoundry.errors import DataError
+
 PROTOCOL_KEYS = ("shots", "mode", "metric")  # the fields compared between a run and an anchor
 
 
@@ -58,7 +60,7 @@ class Benchmark:
             for a in self.anchors:
                 if a.model == self.frontier_anchor:
                     return a
-            raise ValueError(f"{self.key}: frontier_anchor {self.frontier_anchor!r} is not one of its anchors")
+            raise DataError(f"{self.key}: frontier_anchor {self.frontier_anchor!r} is not one of its anchors")
         return max(self.anchors, key=lambda a: a.score)
 
 
@@ -77,7 +79,7 @@ class FrontierTable:
 
 def _percent(value: Any, where: str) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
-        raise ValueError(f"{where}: expected a percentage in [0, 100], got {value!r}")
+        raise DataError(f"{where}: expected a percentage in [0, 100], got {value!r}")
     return float(value) / 100
 
 
@@ -92,14 +94,14 @@ def load_table(path: str | Path | None = None) -> FrontierTable:
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     target = float(data.get("target_fraction", 0.95))
     if not 0 < target <= 1:
-        raise ValueError(f"{path}: target_fraction must be in (0, 1], got {target}")
+        raise DataError(f"{path}: target_fraction must be in (0, 1], got {target}")
     benchmarks: dict[str, Benchmark] = {}
     by_task: dict[str, str] = {}
     for key, b in (data.get("benchmarks") or {}).items():
         where = f"{path}: {key}"
         chance = _percent(b.get("chance", 0), f"{where}.chance")
         if chance >= 1:
-            raise ValueError(f"{where}: chance must be below 100")
+            raise DataError(f"{where}: chance must be below 100")
         anchors = tuple(
             Anchor(model=str(a["model"]), score=_percent(a["score"], f"{where}.anchors[{i}].score"),
                    source=str(a.get("source", "")), date=None if a.get("date") is None else str(a["date"]),
@@ -112,7 +114,7 @@ def load_table(path: str | Path | None = None) -> FrontierTable:
         bench.anchor()  # raises if frontier_anchor names no anchor
         for task in bench.tasks:
             if task in by_task:
-                raise ValueError(f"{where}: task {task!r} is already claimed by {by_task[task]}")
+                raise DataError(f"{where}: task {task!r} is already claimed by {by_task[task]}")
             by_task[task] = key
         benchmarks[key] = bench
     return FrontierTable(benchmarks, target, str(path), by_task)
@@ -124,7 +126,7 @@ def load_table(path: str | Path | None = None) -> FrontierTable:
 def chance_corrected(score: float, chance: float) -> float:
     """0 for guessing, 1 for a perfect score; negative when below chance."""
     if not 0 <= chance < 1:
-        raise ValueError(f"chance must be in [0, 1), got {chance}")
+        raise DataError(f"chance must be in [0, 1), got {chance}")
     return (score - chance) / (1 - chance)
 
 
@@ -132,7 +134,7 @@ def percent_of_frontier(score: float, anchor: float, chance: float) -> float:
     """100 x (our chance-corrected score) / (the anchor's)."""
     gap = chance_corrected(anchor, chance)
     if gap <= 0:
-        raise ValueError(f"the anchor ({anchor}) must be above chance ({chance})")
+        raise DataError(f"the anchor ({anchor}) must be above chance ({chance})")
     return 100 * chance_corrected(score, chance) / gap
 
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kfoundry.errors import ConfigError, DataError, MissingPathError
 from kfoundry.text import nfc
 
 SUBSETS = ("boolq", "copa", "wic", "hellaswag", "sentineg")
@@ -62,18 +63,18 @@ def read_tsv(path: str | Path) -> list[dict[str, str]]:
     """Rows of a tab-separated file with a header, as dicts; NFC text; a short row is an error, not a skip."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"KoBEST file not found: {path}")
+        raise MissingPathError(f"KoBEST file not found: {path}")
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
-        raise ValueError(f"{path} is empty")
+        raise DataError(f"{path} is empty")
     header = [h.strip() for h in lines[0].rstrip("\r").split("\t")]
     rows = []
     for n, line in enumerate(lines[1:], start=2):
         cells = line.rstrip("\r").split("\t")
         if len(cells) != len(header):
-            raise ValueError(f"{path}:{n}: {len(cells)} columns, header has {len(header)}")
+            raise DataError(f"{path}:{n}: {len(cells)} columns, header has {len(header)}")
         rows.append({h: nfc(unquote_field(c)) for h, c in zip(header, cells)})
     return rows
 
@@ -84,16 +85,16 @@ def _bool_label(value: str, where: str) -> int:
         return 1
     if v in ("false", "0"):
         return 0
-    raise ValueError(f"{where}: expected True/False, got {value!r}")
+    raise DataError(f"{where}: expected True/False, got {value!r}")
 
 
 def _int_label(value: str, allowed: range, where: str, offset: int = 0) -> int:
     try:
         label = int(value.strip()) - offset
     except ValueError:
-        raise ValueError(f"{where}: expected an integer label, got {value!r}") from None
+        raise DataError(f"{where}: expected an integer label, got {value!r}") from None
     if label not in allowed:
-        raise ValueError(f"{where}: label {value!r} out of range")
+        raise DataError(f"{where}: label {value!r} out of range")
     return label
 
 
@@ -140,9 +141,9 @@ CONVERTERS: dict[str, Callable[[dict[str, str], str], dict[str, Any]]] = {
 def read_subset(task_dir: str | Path, subset: str, split: str) -> list[dict[str, Any]]:
     """Documents of one KoBEST subset and split ('train' or 'validation') in the hub's schema."""
     if subset not in CONVERTERS:
-        raise ValueError(f"unknown KoBEST subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+        raise ConfigError(f"unknown KoBEST subset {subset!r}; choose one of {', '.join(SUBSETS)}")
     if split not in SPLIT_FILES:
-        raise ValueError(f"unknown split {split!r}; the offline pack has {', '.join(SPLIT_FILES)}")
+        raise ConfigError(f"unknown split {split!r}; the offline pack has {', '.join(SPLIT_FILES)}")
     path = Path(task_dir) / subset / SPLIT_FILES[split]
     convert = CONVERTERS[subset]
     return [convert(row, f"{path}:{n}") for n, row in enumerate(read_tsv(path), start=2)]
@@ -159,10 +160,10 @@ def load_dataset(subset: str | None = None, task_dir: str | None = None, kobest_
     import datasets
 
     if subset is None:
-        raise ValueError("the KoBEST task YAML must set dataset_kwargs.subset")
+        raise ConfigError("the KoBEST task YAML must set dataset_kwargs.subset")
     root = Path(task_dir or kobest_dir or default_dir())
     if not root.is_dir():
-        raise FileNotFoundError(f"KoBEST directory not found: {root} (pass --task-dir DIR, or set ${ENV_DIR})")
+        raise MissingPathError(f"KoBEST directory not found: {root} (pass --task-dir DIR, or set ${ENV_DIR})")
     return datasets.DatasetDict({split: datasets.Dataset.from_list(read_subset(root, subset, split))
                                  for split in SPLIT_FILES})
 

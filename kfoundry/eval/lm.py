@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from kfoundry.checkpoint import load_model, load_tokenizer
+from kfoundry.errors import ConfigError
 from kfoundry.eval import scoring
 from kfoundry.model.device import pick_device
 from kfoundry.model.generate import SamplingParams, generate
@@ -65,9 +66,9 @@ class KFoundryLM(TemplateLM):
             log.warning("kfoundry model: ignoring unknown model_args %s", sorted(unused))
         source = model if model is not None else pretrained
         if source is None:
-            raise ValueError("kfoundry model needs model=CHECKPOINT_DIR (--model_args model=...)")
+            raise ConfigError("kfoundry model needs model=CHECKPOINT_DIR (--model_args model=...)")
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if isinstance(source, (str, Path)):
             # lm-eval's CLI asks for cuda:0 by default: without a GPU this runs on the CPU (as its own `hf` model does)
             self._device = pick_device(device)
@@ -76,7 +77,7 @@ class KFoundryLM(TemplateLM):
             self.source = str(source)
         else:  # an already loaded Transformer (the speedrun hands over the model it just trained)
             if tokenizer is None:
-                raise ValueError("pass tokenizer= together with a model object")
+                raise ConfigError("pass tokenizer= together with a model object")
             self.model, self.tok, self.source = source, tokenizer, "<in-memory model>"
             self._device = self.model.lm_head.weight.device
         self.model.to(DTYPES[dtype]).eval()

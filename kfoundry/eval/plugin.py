@@ -31,6 +31,8 @@ import sysconfig
 from pathlib import Path
 from types import ModuleType
 
+from kfoundry.errors import MissingPathError
+
 MODEL_NAME = "kfoundry"
 TARGET = "kfoundry.eval.lm:KFoundryLM"
 REGISTRY_MODULE = "lm_eval.api.registry"
@@ -102,7 +104,7 @@ def install_startup_hook(site_dir: str | Path | None = None) -> Path:
     """Write the .pth file into `site_dir` (default: this environment's site-packages). Returns its path."""
     site = Path(site_dir) if site_dir else Path(sysconfig.get_paths()["purelib"])
     if not site.is_dir():
-        raise FileNotFoundError(f"site-packages directory not found: {site}")
+        raise MissingPathError(f"site-packages directory not found: {site}")
     path = site / PTH_NAME
     path.write_text(PTH_LINE, encoding="utf-8")
     return path

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.checkpoint import load_tokenizer
+from kfoundry.errors import CheckpointError, ConfigError, MissingPathError
 from kfoundry.eval import bpb, contamination, frontier, report
 from kfoundry.fileio import read_json
 from kfoundry.model.device import pick_device
@@ -73,13 +74,13 @@ def detect_backend(path: str | Path) -> str:
     path = Path(path)
     cfg = path / "config.json"
     if not cfg.is_file():
-        raise FileNotFoundError(f"not a model directory (no config.json): {path}")
+        raise MissingPathError(f"not a model directory (no config.json): {path}")
     data = read_json(cfg)
     if "format_version" in data and (path / "model.safetensors").is_file() and (path / "tokenizer").is_dir():
         return "kfoundry"
     if "model_type" in data:
         return "hf"
-    raise ValueError(f"{path}: config.json is neither a kfoundry checkpoint nor a Hugging Face model")
+    raise CheckpointError(f"{path}: config.json is neither a kfoundry checkpoint nor a Hugging Face model")
 
 
 def build_lm(spec: EvalSpec, backend: str):
@@ -102,7 +103,7 @@ def task_manager(spec: EvalSpec):
         return TaskManager()
     task_dir = Path(spec.task_dir)
     if not task_dir.is_dir():
-        raise FileNotFoundError(f"--task-dir not found: {task_dir}")
+        raise MissingPathError(f"--task-dir not found: {task_dir}")
     only_pack = set(spec.tasks) <= pack_names()
     # The pack shadowing lm-eval's hub KoBEST tasks is the point of --task-dir; don't warn about it per task.
     logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)
@@ -146,7 +147,7 @@ def run_eval(spec: EvalSpec, *, lm=None, log=lambda m: print(m, file=sys.stderr)
     import lm_eval
 
     if not spec.tasks and spec.skip_bpb:
-        raise ValueError("nothing to evaluate: give --tasks, or leave bits-per-byte on")
+        raise ConfigError("nothing to evaluate: give --tasks, or leave bits-per-byte on")
     table = frontier.load_table(spec.frontier)
     backend = spec.backend if spec.backend != "auto" else detect_backend(spec.model)
     seconds: dict[str, float] = {}
@@ -170,7 +171,7 @@ def run_eval(spec: EvalSpec, *, lm=None, log=lambda m: print(m, file=sys.stderr)
                 torch_random_seed=spec.seed, fewshot_random_seed=spec.seed) or {}
         except (KeyError, ConnectionError, OSError) as e:
             hint = "" if spec.task_dir else " (offline? the KoBEST pack runs with --task-dir DIR)"
-            raise ValueError(f"lm-eval could not load the tasks {spec.tasks}: {e}{hint}") from e
+            raise ConfigError(f"lm-eval could not load the tasks {spec.tasks}: {e}{hint}") from e
         samples = results.pop("samples", {})
         seconds["tasks"] = time.perf_counter() - t
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import ModelConfig
+from kfoundry.errors import CheckpointError, ConfigError
 from kfoundry.fileio import atomic_file
 from kfoundry.provenance.record import record_export
 from kfoundry.tokenizer import pipeline
@@ -61,7 +62,7 @@ def _gguf():
     try:
         import gguf
     except ImportError as e:  # a declared dependency; a clear message beats a traceback
-        raise ValueError("the `gguf` package is needed to write GGUF files: pip install gguf") from e
+        raise ConfigError("the `gguf` package is needed to write GGUF files: pip install gguf") from e
     return gguf
 
 
@@ -93,7 +94,7 @@ def storage_type(gguf_name: str, shape: tuple[int, ...], out_type: str, *, is_ou
         qtype = Q.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if shape[-1] % block:
-        raise ValueError(
+        raise CheckpointError(
             f"tensor {gguf_name} has rows of {shape[-1]} values, but {out_type} stores blocks of {block}: every row "
             f"length (model.dim, model.ffn_dim) must be a multiple of {block}. Export with --type f16 or f32, "
             f"or train a model whose dims are multiples of {block}.")
@@ -113,7 +114,7 @@ def gguf_tensors(model, out_type: str) -> list[tuple[str, np.ndarray, object]]:
     for hf_name, tensor in state.items():
         name = names.get_name(hf_name, try_suffixes=(".weight",))
         if name is None:
-            raise ValueError(f"no llama.cpp name for parameter {hf_name} (is this a kfoundry Llama checkpoint?)")
+            raise CheckpointError(f"no llama.cpp name for parameter {hf_name} (is this a kfoundry Llama checkpoint?)")
         data = tensor.detach().float().cpu().numpy()
         if hf_name.endswith("self_attn.q_proj.weight"):
             data = permute_for_rope(data, cfg.n_heads)
@@ -138,7 +139,7 @@ def tokenizer_fields(tok, n_vocab: int) -> tuple[list[str], list[int], list[str]
     T = gguf.TokenType
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     if len(vocab) > n_vocab:
-        raise ValueError(f"the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embedding rows")
+        raise CheckpointError(f"the tokenizer has {len(vocab)} tokens but the model only {n_vocab} embedding rows")
     tokens: list[str | None] = [None] * n_vocab
     for text, i in vocab.items():
         tokens[i] = text
@@ -176,15 +177,15 @@ def export_gguf(ckpt: str | Path, out: str | Path, *, out_type: str = "f16", ove
     ckpt, out = Path(ckpt), Path(out)
     out_type = out_type.lower()
     if out_type not in GGUF_TYPES:
-        raise ValueError(f"unknown GGUF type {out_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
+        raise ConfigError(f"unknown GGUF type {out_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
     if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists (pass --overwrite to replace it)")
+        raise ConfigError(f"{out} exists (pass --overwrite to replace it)")
     if out.exists() and out.is_dir():
-        raise ValueError(f"{out} is a directory; --out names the .gguf file to write")
+        raise ConfigError(f"{out} is a directory; --out names the .gguf file to write")
     cfg = load_config(ckpt)
     if cfg.qk_norm:
-        raise ValueError("this model uses QK-norm, which llama.cpp's llama architecture cannot represent; "
-                         "train with model.qk_norm=false to export as GGUF")
+        raise CheckpointError("this model uses QK-norm, which llama.cpp's llama architecture cannot represent; "
+                              "train with model.qk_norm=false to export as GGUF")
     tok = load_tokenizer(ckpt)
     model = load_model(ckpt)
     tensors = gguf_tensors(model, out_type)  # every shape is checked here, before the file is opened

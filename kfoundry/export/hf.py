@@ -17,6 +17,7 @@ from tokenizers.processors import TemplateProcessing
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer, model_state
 from kfoundry.config import ModelConfig
+from kfoundry.errors import CheckpointError
 from kfoundry.fileio import atomic_dir, atomic_write_json
 from kfoundry.provenance.card import write_model_card
 from kfoundry.provenance.record import record_export
@@ -25,8 +26,8 @@ from kfoundry.provenance.record import record_export
 def hf_config(cfg: ModelConfig, tok) -> dict:
     """LlamaConfig fields for our ModelConfig. Refuses what Llama cannot represent."""
     if cfg.qk_norm:
-        raise ValueError("this model uses QK-norm, which Hugging Face LlamaForCausalLM cannot represent; "
-                         "train with model.qk_norm=false to export as Llama")
+        raise CheckpointError("this model uses QK-norm, which Hugging Face LlamaForCausalLM cannot represent; "
+                              "train with model.qk_norm=false to export as Llama")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     return {
         "architectures": ["LlamaForCausalLM"],

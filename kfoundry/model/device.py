@@ -16,6 +16,8 @@ import logging
 
 import torch
 
+from kfoundry.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ def pick_device(preference: str | torch.device | None = "auto") -> torch.device:
     try:
         device = torch.device(preference)
     except RuntimeError as e:
-        raise ValueError(f"unknown device {str(preference)!r} (use auto, cpu, cuda, cuda:N or mps)") from e
+        raise ConfigError(f"unknown device {str(preference)!r} (use auto, cpu, cuda, cuda:N or mps)") from e
     if not available(device.type):
         log.warning("device %s requested but this machine has no %s; using the CPU", preference, device.type)
         return torch.device("cpu")

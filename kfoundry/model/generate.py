@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from kfoundry.errors import ConfigError
 from kfoundry.model import masks
 from kfoundry.model.decode import SequenceDecoder
 from kfoundry.model.llama import KVCache, Transformer
@@ -33,13 +34,13 @@ class SamplingParams:
 
     def validate(self) -> None:
         if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+            raise ConfigError("max_new_tokens must be >= 0")
         if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
+            raise ConfigError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+            raise ConfigError("top_p must be in (0, 1]")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
+            raise ConfigError("top_k must be >= 0")
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
@@ -61,7 +62,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     params = params or SamplingParams()
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token (start it with BOS)")
+        raise ConfigError("every prompt needs at least one token (start it with BOS)")
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -70,8 +71,8 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     T = int(lengths.max())
     total = T + params.max_new_tokens
     if total > model.cfg.max_seq_len:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({params.max_new_tokens}) exceeds the model context "
-                         f"({model.cfg.max_seq_len})")
+        raise ConfigError(f"prompt ({T}) + max_new_tokens ({params.max_new_tokens}) exceeds the model context "
+                          f"({model.cfg.max_seq_len})")
     idx = torch.full((B, T), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         idx[i, T - len(p):] = torch.tensor(p, dtype=torch.long, device=device)

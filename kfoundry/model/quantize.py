@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kfoundry.errors import ConfigError
 from kfoundry.model.llama import Transformer
 
 KERNEL_DTYPE = torch.bfloat16  # the activation dtype of _weight_int8pack_mm's vectorized CPU path
@@ -95,7 +96,7 @@ def quantize_int8(model: Transformer) -> Transformer:
     model is not supported (int8 buffers have no gradients).
     """
     if getattr(model, "quantization", None):
-        raise ValueError(f"model is already quantized ({model.quantization})")
+        raise ConfigError(f"model is already quantized ({model.quantization})")
     fused = _has_int8pack_kernel()
     q_embed, s_embed = quantize_weight(model.model.embed_tokens.weight)
     for block in model.model.layers:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from kfoundry.config import ModelConfig
+from kfoundry.errors import CheckpointError, ConfigError
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -47,12 +48,12 @@ def dus_plan(n_layers: int, drop: int) -> list[int]:
     `drop=0` is plain duplication (each layer twice, in order). A `drop` that leaves nothing is refused.
     """
     if n_layers < 1:
-        raise ValueError(f"the parent has {n_layers} layers; nothing to up-scale")
+        raise ConfigError(f"the parent has {n_layers} layers; nothing to up-scale")
     if drop < 0:
-        raise ValueError(f"--drop must be >= 0, got {drop}")
+        raise ConfigError(f"--drop must be >= 0, got {drop}")
     if drop >= n_layers:
-        raise ValueError(f"--drop {drop} leaves no layers: the parent has {n_layers}, and each copy keeps n - m; "
-                         f"use --drop between 0 and {n_layers - 1}")
+        raise ConfigError(f"--drop {drop} leaves no layers: the parent has {n_layers}, and each copy keeps n - m; "
+                          f"use --drop between 0 and {n_layers - 1}")
     return list(range(0, n_layers - drop)) + list(range(drop, n_layers))
 
 
@@ -63,22 +64,22 @@ def parse_layer_plan(text: str, n_layers: int) -> list[int]:
     once (that is the point). Indices must exist in the parent (0..n_layers-1).
     """
     if n_layers < 1:
-        raise ValueError(f"the parent has {n_layers} layers; nothing to up-scale")
+        raise ConfigError(f"the parent has {n_layers} layers; nothing to up-scale")
     parts = [p.strip() for p in text.split(",")]
     if not text.strip() or any(not p for p in parts):
-        raise ValueError(f"--layers {text!r} is empty or has an empty item; write ranges like 0-23,8-31")
+        raise ConfigError(f"--layers {text!r} is empty or has an empty item; write ranges like 0-23,8-31")
     plan: list[int] = []
     for part in parts:
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if not m:
-            raise ValueError(f"--layers item {part!r} is not an index or a range a-b (e.g. 0-23,8-31)")
+            raise ConfigError(f"--layers item {part!r} is not an index or a range a-b (e.g. 0-23,8-31)")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         if hi < lo:
-            raise ValueError(f"--layers range {part!r} runs backwards; write {hi}-{lo}")
+            raise ConfigError(f"--layers range {part!r} runs backwards; write {hi}-{lo}")
         if hi >= n_layers:
-            raise ValueError(f"--layers item {part!r} exceeds the parent, which has {n_layers} layers "
-                             f"(0-{n_layers - 1})")
+            raise ConfigError(f"--layers item {part!r} exceeds the parent, which has {n_layers} layers "
+                              f"(0-{n_layers - 1})")
         plan.extend(range(lo, hi + 1))
     return plan
 
@@ -86,11 +87,11 @@ def parse_layer_plan(text: str, n_layers: int) -> list[int]:
 def check_plan(plan: list[int], n_layers: int) -> None:
     """Refuse a plan with no layers or with an index the parent does not have."""
     if not plan:
-        raise ValueError("the layer plan is empty: the up-scaled model would have no layers")
+        raise ConfigError("the layer plan is empty: the up-scaled model would have no layers")
     bad = sorted({i for i in plan if not 0 <= i < n_layers})
     if bad:
-        raise ValueError(f"the layer plan names parent layers {bad}, but the parent has {n_layers} layers "
-                         f"(0-{n_layers - 1})")
+        raise ConfigError(f"the layer plan names parent layers {bad}, but the parent has {n_layers} layers "
+                          f"(0-{n_layers - 1})")
 
 
 def format_plan(plan: list[int]) -> str:
@@ -127,7 +128,7 @@ def upscale_state_dict(state: dict[str, torch.Tensor], plan: list[int]) -> dict[
             other[key] = value
     n_layers = max(layers) + 1 if layers else 0
     if sorted(layers) != list(range(n_layers)):
-        raise ValueError(f"the parent's layers are not numbered 0..{n_layers - 1}: found {sorted(layers)}")
+        raise CheckpointError(f"the parent's layers are not numbered 0..{n_layers - 1}: found {sorted(layers)}")
     check_plan(plan, n_layers)
     out = {key: value.clone() for key, value in other.items()}
     for k, src in enumerate(plan):

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from kfoundry.checkpoint import load_model, load_tokenizer
+from kfoundry.errors import DataError
 from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.post.chat_format import prompt_ids
 from kfoundry.text import nfc
@@ -83,9 +84,9 @@ class ChatSession:
             if len(ids) <= budget:
                 return ids
             if not self.history:
-                raise ValueError(f"the message is too long for this model: {len(ids)} tokens with the system "
-                                 f"prompt, the limit is {budget} (context {self.model.cfg.max_seq_len} minus "
-                                 f"{self.params.max_new_tokens} for the reply)")
+                raise DataError(f"the message is too long for this model: {len(ids)} tokens with the system "
+                                f"prompt, the limit is {budget} (context {self.model.cfg.max_seq_len} minus "
+                                f"{self.params.max_new_tokens} for the reply)")
             self.history = self.history[2:]  # one user turn and its reply
             self.dropped_turns += 1
 
@@ -93,7 +94,7 @@ class ChatSession:
         """Add a user turn, generate the assistant's reply (streamed through `on_text`), remember both."""
         text = nfc(text).strip()
         if not text:
-            raise ValueError("empty message")
+            raise DataError("empty message")
         ids = self._fit_prompt(text)
         stream = StreamDecoder(self.tok)
 

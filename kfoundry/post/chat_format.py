@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kfoundry.errors import CheckpointError, DataError
 from kfoundry.text import nfc
 
 ROLES = ("system", "user", "assistant")
@@ -32,16 +33,16 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict[str, str]]:
     Raises ValueError for an empty list, an unknown role, or content that is not a string.
     """
     if not messages:
-        raise ValueError("a conversation needs at least one message")
+        raise DataError("a conversation needs at least one message")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"message {i} is not an object: {m!r}")
+            raise DataError(f"message {i} is not an object: {m!r}")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ValueError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
+            raise DataError(f"message {i} has role {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str):
-            raise ValueError(f"message {i} ({role}) has no string 'content'")
+            raise DataError(f"message {i} ({role}) has no string 'content'")
         out.append({"role": role, "content": nfc(content)})
     return out
 
@@ -80,8 +81,8 @@ def render_many(tok, chats: Sequence[Sequence[dict]], add_generation_prompt: boo
         for i, before, through in spans:
             start, end = _prefix_length(ids, ids_of[before]), _prefix_length(ids, ids_of[through])
             if end <= start or ids[end - 1] != tok.eot_id:
-                raise ValueError(f"the chat template does not close assistant message {i} with the end-of-turn "
-                                 "token; the assistant mask cannot be computed")
+                raise CheckpointError(f"the chat template does not close assistant message {i} with the end-of-turn "
+                                      "token; the assistant mask cannot be computed")
             mask[start:end] = [True] * (end - start)
         out.append((ids, mask))
     return out
@@ -90,8 +91,9 @@ def render_many(tok, chats: Sequence[Sequence[dict]], add_generation_prompt: boo
 def _prefix_length(ids: list[int], part: list[int]) -> int:
     """len(part), after checking that `part` (a rendered prefix of the conversation) is a prefix of `ids`."""
     if ids[: len(part)] != part:
-        raise ValueError("rendering a prefix of the conversation does not tokenize to a prefix of the whole chat "
-                         "(the template or tokenizer merges text across turn boundaries); cannot mask assistant turns")
+        raise CheckpointError("rendering a prefix of the conversation does not tokenize to a prefix of the whole chat "
+                              "(the template or tokenizer merges text across turn boundaries); cannot mask assistant "
+                              "turns")
     return len(part)
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kfoundry.errors import DataError, MissingPathError
 from kfoundry.post.chat_format import ROLES
 from kfoundry.text import nfc
 
@@ -93,7 +94,7 @@ def resolve_path(spec: str | Path, starter_file: str) -> Path:
         return starter_path(starter_file)
     p = Path(spec)
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {p}")
+        raise MissingPathError(f"data file not found: {p}")
     return p
 
 
@@ -118,7 +119,7 @@ def _json_objects(path: Path, stats: LoadStats) -> Iterator[dict]:
                 continue
             yield obj
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 # --------------------------------------------------------------------------------------------- messages
@@ -165,7 +166,7 @@ def load_chats(spec: str | Path, stats: LoadStats | None = None) -> list[Chat]:
     path = resolve_path(spec, STARTER_CHAT_FILE)
     chats = _load_qa_csv(path, stats) if path.suffix.lower() == ".csv" else _parse_jsonl(path, stats, parse_chat)
     if not chats:
-        raise ValueError(f"{path}: no usable conversation ({stats.summary()})")
+        raise DataError(f"{path}: no usable conversation ({stats.summary()})")
     return chats
 
 
@@ -193,8 +194,8 @@ def _load_qa_csv(path: Path, stats: LoadStats) -> list[Chat]:
         fields = reader.fieldnames or []
         q_col, a_col = _pick_column(fields, QUESTION_COLUMNS), _pick_column(fields, ANSWER_COLUMNS)
         if q_col is None or a_col is None:
-            raise ValueError(f"{path}: a question/answer CSV needs columns like Q and A "
-                             f"(also question/answer, prompt/response); found {fields}")
+            raise DataError(f"{path}: a question/answer CSV needs columns like Q and A "
+                            f"(also question/answer, prompt/response); found {fields}")
         chats = []
         try:
             for row in reader:
@@ -209,7 +210,7 @@ def _load_qa_csv(path: Path, stats: LoadStats) -> list[Chat]:
                 chats.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
                 stats.kept += 1
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path} is not UTF-8 text ({e.reason})") from None
+            raise DataError(f"{path} is not UTF-8 text ({e.reason})") from None
     return chats
 
 
@@ -256,7 +257,7 @@ def load_preferences(spec: str | Path, stats: LoadStats | None = None) -> list[P
     path = resolve_path(spec, STARTER_PREFS_FILE)
     prefs = _parse_jsonl(path, stats, parse_preference)
     if not prefs:
-        raise ValueError(f"{path}: no usable preference pair ({stats.summary()})")
+        raise DataError(f"{path}: no usable preference pair ({stats.summary()})")
     return prefs
 
 
@@ -290,5 +291,5 @@ def load_split_encode(data: Sequence[str | Path], val_data: Sequence[str | Path]
     val = encode(tok, val_rows, seq_len, stats)
     log(f"{stage} data: {len(train)} training / {len(val)} validation {units[0]}; {stats.summary()}")
     if not train:
-        raise ValueError(f"no {units[1]} fits train.seq_len={seq_len} ({stats.summary()})")
+        raise DataError(f"no {units[1]} fits train.seq_len={seq_len} ({stats.summary()})")
     return train, val, stats

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import STAGE_PRESETS, DataConfig, RunConfig, TrainConfig, complete, validate_options
+from kfoundry.errors import DataError
 from kfoundry.fileio import read_json, sha256_file
 from kfoundry.model.llama import Transformer
 from kfoundry.post.chat_format import normalize_messages, render_many, render_text
@@ -66,7 +67,7 @@ def encode_reply(tok, prompt: Sequence[dict], reply: str) -> Example:
 
 def _reply_example(ids: list[int], mask: list[bool], prompt: list[int]) -> Example:
     if ids[:len(prompt)] != prompt:
-        raise ValueError("the prompt does not tokenize to a prefix of prompt + reply")
+        raise DataError("the prompt does not tokenize to a prefix of prompt + reply")
     return Example(tuple(ids), tuple(m and i >= len(prompt) for i, m in enumerate(mask)))
 
 

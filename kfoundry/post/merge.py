@@ -31,6 +31,7 @@ import torch
 
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.config import to_dict
+from kfoundry.errors import CheckpointError, ConfigError
 from kfoundry.fileio import read_json, sha256_file
 from kfoundry.provenance import record_checkpoint
 
@@ -45,7 +46,7 @@ def lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation between two tensors of one shape (see the module docstring)."""
     if not 0 <= t <= 1:
-        raise ValueError(f"slerp needs t in [0, 1], got {t}")
+        raise ConfigError(f"slerp needs t in [0, 1], got {t}")
     a64, b64 = a.double().flatten(), b.double().flatten()
     na, nb = a64.norm(), b64.norm()
     if na == 0 or nb == 0:
@@ -69,25 +70,25 @@ def check_compatible(paths: Sequence[Path]) -> None:
         diff = {k: (cfg0[k], cfg.get(k)) for k in cfg0 if cfg0[k] != cfg.get(k)}
         if diff:
             shown = ", ".join(f"{k}: {a} vs {b}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"cannot merge {first} and {p}: the architectures differ ({shown})")
+            raise CheckpointError(f"cannot merge {first} and {p}: the architectures differ ({shown})")
         tok = ckpt_io.load_tokenizer(p)
         if tok.hash != tok0.hash:
-            raise ValueError(f"cannot merge {first} and {p}: their tokenizers differ "
-                             f"(tokenizer.json sha256 {tok0.hash[:12]} vs {tok.hash[:12]})")
+            raise CheckpointError(f"cannot merge {first} and {p}: their tokenizers differ "
+                                  f"(tokenizer.json sha256 {tok0.hash[:12]} vs {tok.hash[:12]})")
         if tok.chat_template != tok0.chat_template:
-            raise ValueError(f"cannot merge {first} and {p}: their chat templates differ")
+            raise CheckpointError(f"cannot merge {first} and {p}: their chat templates differ")
 
 
 def normalized_weights(n: int, weights: Sequence[float] | None) -> list[float]:
     if weights is None:
         return [1.0 / n] * n
     if len(weights) != n:
-        raise ValueError(f"{len(weights)} weights for {n} models; give one weight per model")
+        raise ConfigError(f"{len(weights)} weights for {n} models; give one weight per model")
     if any(w < 0 or not math.isfinite(w) for w in weights):
-        raise ValueError(f"weights must be finite and non-negative, got {list(weights)}")
+        raise ConfigError(f"weights must be finite and non-negative, got {list(weights)}")
     total = sum(weights)
     if total <= 0:
-        raise ValueError("the weights sum to zero")
+        raise ConfigError("the weights sum to zero")
     return [w / total for w in weights]
 
 
@@ -95,9 +96,9 @@ def merge_states(states: Sequence[dict[str, torch.Tensor]], method: str, weights
                  ) -> dict[str, torch.Tensor]:
     """Merge state dicts with identical keys and shapes. `weights` are normalised (slerp: t = weights[1])."""
     if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose {' or '.join(METHODS)}")
+        raise ConfigError(f"unknown merge method {method!r}; choose {' or '.join(METHODS)}")
     if method == "slerp" and len(states) != 2:
-        raise ValueError(f"slerp merges exactly two models, got {len(states)}")
+        raise ConfigError(f"slerp merges exactly two models, got {len(states)}")
     out = {}
     for name, first in states[0].items():
         tensors = [s[name] for s in states]
@@ -119,15 +120,15 @@ def merge(models: Sequence[str | Path], out: str | Path, *, method: str = "linea
     """
     paths = [Path(m) for m in models]
     if len(paths) < 2:
-        raise ValueError("merging needs at least two models")
+        raise ConfigError("merging needs at least two models")
     if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; choose {' or '.join(METHODS)}")
+        raise ConfigError(f"unknown merge method {method!r}; choose {' or '.join(METHODS)}")
     if method == "slerp":
         if len(paths) != 2:
-            raise ValueError(f"slerp merges exactly two models, got {len(paths)}")
+            raise ConfigError(f"slerp merges exactly two models, got {len(paths)}")
         if weights is not None and len(weights) == 1:
             if not 0 <= weights[0] <= 1:
-                raise ValueError(f"slerp t must be in [0, 1], got {weights[0]}")
+                raise ConfigError(f"slerp t must be in [0, 1], got {weights[0]}")
             weights = [1 - weights[0], weights[0]]
     norm = normalized_weights(len(paths), weights)
     for p in paths:

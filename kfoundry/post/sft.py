@@ -231,7 +231,7 @@ def validation_loss(model, examples: Sequence[Example], seq_len: int, batch_size
 def split_chats(chats: Sequence[Chat], val_fraction: float, seed: int) -> tuple[list[Chat], list[Chat]]:
     """A seeded split by conversation; at least one conversation stays in training."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = min(len(chats) - 1, round(val_fraction * len(chats)))
     if n_val <= 0:
         return list(chats), []

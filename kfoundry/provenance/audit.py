@@ -54,6 +54,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from kfoundry import checkpoint as ckpt_io
+from kfoundry.errors import CheckpointError, ConfigError, MissingPathError
 from kfoundry.fileio import atomic_write_json, atomic_write_text, read_json, sha256_file
 from kfoundry.provenance import fingerprint as fp
 from kfoundry.provenance.record import code_version
@@ -130,8 +131,8 @@ class Weights:
     def folded(self) -> fp.Folded:
         if self._folded is None:
             if self.heads is None:
-                raise ValueError(f"{self.path}: the head counts are unknown (no n_heads / num_attention_heads in "
-                                 "config.json); the circuit fingerprints need them")
+                raise CheckpointError(f"{self.path}: the head counts are unknown (no n_heads / num_attention_heads in "
+                                      "config.json); the circuit fingerprints need them")
             self._folded = fp.fold(self.state, self.n_layers, *self.heads)
         return self._folded
 
@@ -153,7 +154,7 @@ def load_weights(path: str | Path, label: str | None = None) -> Weights:
     """A kfoundry checkpoint (hash-checked, sharded ones included) or a Hugging Face Llama directory."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"not a model directory (no config.json): {path}")
+        raise MissingPathError(f"not a model directory (no config.json): {path}")
     label = label or path.name
     config = read_json(path / "config.json")
     if "format_version" in config:  # ours
@@ -165,7 +166,7 @@ def load_weights(path: str | Path, label: str | None = None) -> Weights:
     files = sorted({path / f for f in read_json(index)["weight_map"].values()}) if index.is_file() \
         else [path / "model.safetensors"]
     if not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"{path}: no safetensors weights (the audit never unpickles .bin files)")
+        raise MissingPathError(f"{path}: no safetensors weights (the audit never unpickles .bin files)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update({k: v.float() for k, v in load_file(str(f)).items()})
@@ -203,7 +204,7 @@ def layer_fingerprints(w: Weights) -> list[dict[str, torch.Tensor]]:
         prefix = f"model.layers.{i}."
         missing = [p for p in LAYER_PARAMS if prefix + p not in w.state]
         if missing:
-            raise ValueError(f"{w.path}: layer {i} lacks {missing}; the audit reads Llama-style blocks")
+            raise CheckpointError(f"{w.path}: layer {i} lacks {missing}; the audit reads Llama-style blocks")
         out.append(fingerprint_layer(lambda name, prefix=prefix: w.state[prefix + name].float()))
     return out
 
@@ -455,7 +456,7 @@ def compare(a: Weights, b: Weights, *, seeds: int = 4, seed: int = 0, references
             ) -> Comparison:
     """Audit A against B: invariant and per-channel fingerprints, layer pairing, chance baseline, verdict."""
     if seeds < 2:
-        raise ValueError("--seeds must be at least 2 (the chance spread needs two samples)")
+        raise ConfigError("--seeds must be at least 2 (the chance spread needs two samples)")
     gen = torch.Generator().manual_seed(seed)
     evidence: list[Evidence] = []
     ref = _reference_scores(a, b, references)
@@ -670,7 +671,7 @@ def audit(model: str | Path, against: list[str | Path], *, out_dir: str | Path |
     similarity to each side becomes the 'reference' chance family, the honest null for models that share a corpus.
     """
     if not against:
-        raise ValueError("give at least one model to audit against (--against B [C ...])")
+        raise ConfigError("give at least one model to audit against (--against B [C ...])")
     a = load_weights(model)
     refs = [load_weights(r) for r in references]
     results = []

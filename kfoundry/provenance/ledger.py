@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from kfoundry.errors import DataError
 from kfoundry.fileio import atomic_write_json
 
 LEDGER_NAME = "ledger.jsonl"
@@ -44,7 +45,7 @@ HEAD_NAME = "ledger.head.json"  # {"lines": N, "hash": hash of line N}: where th
 RESERVED = ("seq", "kind", "time", "prev", "hash")
 
 
-class LedgerError(ValueError):
+class LedgerError(DataError):
     """A ledger that cannot be read or appended to (a broken last line, a reserved field name, ...)."""
 
 

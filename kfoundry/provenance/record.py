@@ -42,6 +42,7 @@ from kfoundry.checkpoint import model_state, read_meta
 from kfoundry.checkpoint.dcp import clean_name
 from kfoundry.config import to_dict
 from kfoundry.corpus import describe_sources
+from kfoundry.errors import MissingPathError
 from kfoundry.fileio import atomic_write_json, read_json, sha256_bytes, sha256_file
 from kfoundry.provenance import ledger
 
@@ -260,7 +261,7 @@ def record_data(run_dir: str | Path, shard_dir: str | Path, *, corpus: str | Non
     run_dir, shard_dir = Path(run_dir), Path(shard_dir)
     meta_path = shard_dir / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"not a shard directory (no meta.json): {shard_dir}")
+        raise MissingPathError(f"not a shard directory (no meta.json): {shard_dir}")
     meta_sha = sha256_file(meta_path)
     stored_dir = rel(run_dir, shard_dir)
     existing = _data_entry(run_dir, shard_dir, meta_sha)
@@ -306,7 +307,7 @@ def record_checkpoint(ckpt: str | Path, *, run_dir: str | Path | None = None, **
     run_dir = Path(run_dir).resolve() if run_dir is not None else run_dir_of(ckpt)
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
-        raise FileNotFoundError(f"{ckpt} has no {MANIFEST}; record a checkpoint only after it is completely written")
+        raise MissingPathError(f"{ckpt} has no {MANIFEST}; record a checkpoint only after it is completely written")
     manifest_sha = sha256_file(manifest)
     same = find_checkpoint_entry(run_dir, ckpt, manifest_sha)
     if same is not None:

@@ -33,6 +33,7 @@ from typing import Any
 from kfoundry import checkpoint as ckpt_io
 from kfoundry.checkpoint import model_state, read_meta
 from kfoundry.config import model_config_from_dict
+from kfoundry.errors import MissingPathError
 from kfoundry.fileio import sha256_file
 from kfoundry.model.llama import Transformer
 from kfoundry.provenance import ledger
@@ -444,13 +445,13 @@ def verify(target: str | Path, *, rederive: bool = True) -> Report:
     checkpoint) or one checkpoint (its ledger and lineage)."""
     target = Path(target)
     if not target.exists():
-        raise FileNotFoundError(f"no such run or checkpoint: {target}")
+        raise MissingPathError(f"no such run or checkpoint: {target}")
     target = target.resolve()
     is_ckpt = (target / "config.json").is_file() and ((target / MANIFEST).is_file()
                                                       or (target / "model.safetensors").is_file())
     if not is_ckpt and not ledger.ledger_path(target).is_file():
-        raise FileNotFoundError(f"{target} is neither a checkpoint directory nor a run directory with a "
-                                f"{ledger.LEDGER_NAME}")
+        raise MissingPathError(f"{target} is neither a checkpoint directory nor a run directory with a "
+                               f"{ledger.LEDGER_NAME}")
     ckpt = target if is_ckpt else _latest_checkpoint(target)
     report = Report(target=str(target), checkpoint=str(ckpt) if ckpt else None)
     if not is_ckpt:

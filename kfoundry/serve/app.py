@@ -41,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kfoundry.checkpoint import load_model, load_tokenizer
+from kfoundry.errors import CheckpointError, ConfigError
 from kfoundry.model.quantize import quantize_int8
 from kfoundry.serve import openai_format as fmt
 from kfoundry.serve.engine import Engine, QueueFull
@@ -89,11 +90,11 @@ def app_from_checkpoint(path: str | Path, cfg: ServeConfig | None = None, *, dev
     if quantize == "int8":
         quantize_int8(model)
     elif quantize is not None:
-        raise ValueError(f"unknown quantization {quantize!r} (use int8)")
+        raise ConfigError(f"unknown quantization {quantize!r} (use int8)")
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.cfg.vocab_size}")
+        raise CheckpointError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.cfg.vocab_size}")
     cfg = cfg or ServeConfig(model_name=Path(path).resolve().name)
     scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue, vocab_size=tokenizer.vocab_size)
     if start:

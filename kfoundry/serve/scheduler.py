@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kfoundry.errors import ConfigError
 from kfoundry.model.generate import SamplingParams
 from kfoundry.model.llama import Transformer
 from kfoundry.serve.batch import make_slots
@@ -89,10 +90,10 @@ def check_tickets(tickets: list[Ticket], max_len: int, max_batch: int) -> None:
     empty prompt, prompt + max_new_tokens past the context, or sampling settings out of range."""
     for t in tickets:
         if not 1 <= t.n <= max_batch:
-            raise ValueError(f"n={t.n} must be between 1 and the batch size {max_batch}")
+            raise ConfigError(f"n={t.n} must be between 1 and the batch size {max_batch}")
         if not t.prompt or len(t.prompt) + t.params.max_new_tokens > max_len:
-            raise ValueError(f"prompt ({len(t.prompt)}) + max_new_tokens ({t.params.max_new_tokens}) must be "
-                             f"between 1 and the context ({max_len})")
+            raise ConfigError(f"prompt ({len(t.prompt)}) + max_new_tokens ({t.params.max_new_tokens}) must be "
+                              f"between 1 and the context ({max_len})")
         t.params.validate()
 
 
@@ -145,7 +146,7 @@ class Scheduler:
         """`vocab_size`: the tokenizer's, when smaller than the model's (a vocabulary padded for speed, or a
         tokenizer that ran out of merges); ids at or above it are never sampled, as nothing could decode them."""
         if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+            raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model.eval()
         self.vocab_size = vocab_size if vocab_size and vocab_size < model.cfg.vocab_size else None
         param = next(model.parameters())

@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from kfoundry.errors import ConfigError, DataError
+
 INT64 = 2**63  # seeds are int64, as in OpenAI's API; torch generators take any of them
 
 
@@ -32,7 +34,7 @@ def _valid_unicode(s: str) -> str:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}") from None
+        raise DataError(f"not valid Unicode: a lone surrogate {s[e.start]!r} at character {e.start}") from None
     return s
 
 
@@ -68,7 +70,7 @@ def _refuse_unless_neutral(value: Any, info: ValidationInfo, table: dict[str, tu
     # `0 == False` in Python; compare with the type too, so `logprobs: 0.0` or `true` is not taken for neutral.
     if not any(value == v and type(value) is type(v) for v in neutral):
         allowed = " or ".join(json.dumps(v, ensure_ascii=False) for v in neutral)
-        raise ValueError(f"not supported by this server (leave it out, or send {allowed})")
+        raise ConfigError(f"not supported by this server (leave it out, or send {allowed})")
     return value
 
 
@@ -118,7 +120,7 @@ class SamplingRequest(BaseModel):
     @classmethod
     def _at_most_four_stops(cls, v):
         if isinstance(v, list) and len(v) > 4:
-            raise ValueError(f"at most 4 stop sequences, got {len(v)}")
+            raise ConfigError(f"at most 4 stop sequences, got {len(v)}")
         return v
 
     def stop_list(self) -> list[str]:
@@ -137,7 +139,7 @@ class CompletionRequest(SamplingRequest):
     @classmethod
     def _non_empty(cls, v):
         if isinstance(v, list) and not v:
-            raise ValueError("must not be an empty list")
+            raise ConfigError("must not be an empty list")
         return v
 
     _unsupported_completion = neutral_only(UNSUPPORTED_COMPLETION)

@@ -28,6 +28,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
+from kfoundry.errors import CheckpointError, ConfigError, DataError, MissingPathError
 from kfoundry.fileio import atomic_dir, atomic_write_json, atomic_write_text, read_json, sha256_bytes
 from kfoundry.text import nfc
 from kfoundry.tokenizer import pipeline
@@ -68,7 +69,8 @@ class KTokenizer:
         missing = [name for name in (pipeline.BOS, pipeline.EOS, pipeline.PAD, pipeline.EOT)
                    if name not in self.special_tokens]
         if missing:
-            raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with kfoundry's train_tokenizer")
+            raise CheckpointError(f"tokenizer lacks the special tokens {missing}; train it with kfoundry's "
+                                  "train_tokenizer")
         self.bos_id = self.special_tokens[pipeline.BOS]
         self.eos_id = self.special_tokens[pipeline.EOS]
         self.pad_id = self.special_tokens[pipeline.PAD]
@@ -105,7 +107,7 @@ class KTokenizer:
         ids = [int(i) for i in ids]  # accepts numpy arrays and tensors too
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+            raise CheckpointError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
         return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_bytes(self) -> list[int]:
@@ -122,7 +124,7 @@ class KTokenizer:
                 if i in specials:
                     continue
                 if any(ch not in table for ch in token):
-                    raise ValueError(f"token {i} ({token!r}) is not byte-level; this is not a kfoundry tokenizer")
+                    raise CheckpointError(f"token {i} ({token!r}) is not byte-level; this is not a kfoundry tokenizer")
                 out[i] = len(token)
             self._token_bytes = out
         return list(self._token_bytes)
@@ -137,7 +139,7 @@ class KTokenizer:
         """
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise ValueError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+                raise DataError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
         text = compiled_template(self.chat_template).render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
@@ -207,10 +209,10 @@ class KTokenizer:
         """Read a tokenizer directory; the hash in tokenizer_meta.json must match tokenizer.json."""
         d = Path(path)
         if not d.is_dir():
-            raise FileNotFoundError(f"tokenizer directory not found: {d}")
+            raise MissingPathError(f"tokenizer directory not found: {d}")
         tok_path = d / TOKENIZER_FILE
         if not tok_path.is_file():
-            raise FileNotFoundError(f"{d} is not a tokenizer directory: {TOKENIZER_FILE} is missing")
+            raise MissingPathError(f"{d} is not a tokenizer directory: {TOKENIZER_FILE} is missing")
         json_text = tok_path.read_bytes().decode("utf-8")
         hf = Tokenizer.from_str(json_text)
         meta = read_json(d / META_FILE) if (d / META_FILE).is_file() else {}
@@ -219,8 +221,8 @@ class KTokenizer:
         tok = cls(hf, chat_template=template, training=meta.get("training"), json_text=json_text)
         recorded = meta.get("tokenizer_json_sha256")
         if recorded and recorded != tok.hash:
-            raise ValueError(f"{tok_path} does not match the sha256 in {META_FILE} "
-                             f"({tok.hash[:12]} != {recorded[:12]}): it was changed after it was saved")
+            raise CheckpointError(f"{tok_path} does not match the sha256 in {META_FILE} "
+                                  f"({tok.hash[:12]} != {recorded[:12]}): it was changed after it was saved")
         return tok
 
     def __repr__(self) -> str:
@@ -233,7 +235,7 @@ def check_replaceable(path: str | Path) -> None:
     if not p.exists():
         return
     if not p.is_dir():
-        raise ValueError(f"refusing to write a tokenizer to {p}: it exists and is not a directory")
+        raise ConfigError(f"refusing to write a tokenizer to {p}: it exists and is not a directory")
     if any(p.iterdir()) and not (p / TOKENIZER_FILE).is_file():
-        raise ValueError(f"refusing to replace {p}: it is not empty and holds no {TOKENIZER_FILE}")
+        raise ConfigError(f"refusing to replace {p}: it is not empty and holds no {TOKENIZER_FILE}")
 

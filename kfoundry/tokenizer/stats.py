@@ -22,6 +22,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+from kfoundry.errors import DataError
 from kfoundry.text import is_hangul_syllable, nfc
 from kfoundry.tokenizer.ktokenizer import KTokenizer
 
@@ -80,7 +81,7 @@ def tokenizer_stats(tok: KTokenizer, texts_by_lang: dict[str, list[str]],
     if parallel is not None:
         ko, en = parallel
         if len(ko) != len(en):
-            raise ValueError(f"parallel texts must align: {len(ko)} Korean vs {len(en)} English")
+            raise DataError(f"parallel texts must align: {len(ko)} Korean vs {len(en)} English")
         ko_tokens = sum(len(ids) for ids in tok.encode_batch(list(ko)))
         en_tokens = sum(len(ids) for ids in tok.encode_batch(list(en)))
         out["parallel"] = {

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import tokenizers
 from tokenizers import trainers
 
+from kfoundry.errors import ConfigError, DataError
 from kfoundry.text import nfc
 from kfoundry.tokenizer import pipeline
 from kfoundry.tokenizer.ktokenizer import KTokenizer
@@ -80,11 +81,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars_per_doc:
     """
     floor = len(pipeline.SPECIAL_TOKENS) + len(pipeline.BYTE_ALPHABET)
     if vocab_size <= floor:
-        raise ValueError(f"vocab_size must exceed {floor} (special tokens + 256 bytes), got {vocab_size}")
+        raise ConfigError(f"vocab_size must exceed {floor} (special tokens + 256 bytes), got {vocab_size}")
     if max_chars_per_doc < 1 or max_total_chars < 1:
-        raise ValueError("max_chars_per_doc and max_total_chars must be positive")
+        raise ConfigError("max_chars_per_doc and max_total_chars must be positive")
     if min_frequency < 1:
-        raise ValueError(f"min_frequency must be at least 1, got {min_frequency}")
+        raise ConfigError(f"min_frequency must be at least 1, got {min_frequency}")
 
     hf = pipeline.new_tokenizer()
     trainer = trainers.BpeTrainer(
@@ -102,7 +103,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, max_chars_per_doc:
     )
     seconds = time.perf_counter() - start
     if counts.chars_used == 0:
-        raise ValueError(f"no text to train on ({counts.docs_read} documents read, {counts.docs_empty} empty)")
+        raise DataError(f"no text to train on ({counts.docs_read} documents read, {counts.docs_empty} empty)")
     pipeline.add_bos_post_processor(hf, hf.token_to_id(pipeline.BOS))
 
     training = {

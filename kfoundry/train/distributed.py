@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from kfoundry.errors import ConfigError
 from kfoundry.model.device import pick_device
 
 
@@ -122,7 +123,7 @@ def parallelize(model: nn.Module, info: DistInfo, *, mode: str = "fsdp", activat
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     if mode != "fsdp":
-        raise ValueError(f"unknown train.parallel={mode!r} (use fsdp or ddp)")
+        raise ConfigError(f"unknown train.parallel={mode!r} (use fsdp or ddp)")
 
     # One precision policy everywhere (docs/distributed.md): fp32 weights, bf16 autocast for the matmuls on CUDA
     # (`trainer.autocast`), fp32 gradient reductions. FSDP therefore gathers fp32 parameters (twice the bytes of

@@ -39,6 +39,7 @@ from torch.distributed.tensor import distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from kfoundry.config import TrainConfig
+from kfoundry.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -156,7 +157,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
 
     The initial `lr` of each group is its peak rate; the loop overwrites it every step through `apply_lr`."""
     if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown train.optimizer={cfg.optimizer!r} (use {' or '.join(OPTIMIZERS)})")
+        raise ConfigError(f"unknown train.optimizer={cfg.optimizer!r} (use {' or '.join(OPTIMIZERS)})")
     roles = split_parameters(model)
     base = cfg.lr
     peak = {"embed": cfg.embed_lr or base, "head": cfg.head_lr or base, "norm": cfg.norm_lr or base,
@@ -229,4 +230,4 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
             return peak
         progress = min(1.0, (step - decay_start) / decay_steps)
         return peak + (floor - peak) * progress
-    raise ValueError(f"unknown schedule {cfg.schedule!r} (use cosine or wsd)")
+    raise ConfigError(f"unknown schedule {cfg.schedule!r} (use cosine or wsd)")

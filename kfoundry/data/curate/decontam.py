@@ -51,6 +51,7 @@ from datatrove.utils.text import TextNormConfig, simplify_text
 from kfoundry.data.curate.lean import LeanFilter
 from kfoundry.data.curate.recipe import shared_data_dir
 from kfoundry.data.curate.words import JoinedWords, SpaceWords
+from kfoundry.errors import ConfigError, MissingPathError
 from kfoundry.fileio import atomic_write_json, read_json
 from kfoundry.text import nfc
 
@@ -115,7 +116,7 @@ def iter_items(path: Path) -> Iterator[str]:
 def task_files(root: Path) -> list[tuple[str, Path]]:
     """(task name, file) for every evaluation file under `root`, in sorted order."""
     if not root.is_dir():
-        raise FileNotFoundError(f"decontamination set not found: {root}")
+        raise MissingPathError(f"decontamination set not found: {root}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     out = []
@@ -132,7 +133,7 @@ def parse_lm_eval(source: str) -> tuple[list[str], Path]:
     names_text, at, task_dir = body.partition("@")
     names = [n.strip() for n in names_text.split(",") if n.strip()]
     if not names:
-        raise ValueError(f"decontamination source {source!r} names no lm-eval task; e.g. 'lm-eval:kobest'")
+        raise ConfigError(f"decontamination source {source!r} names no lm-eval task; e.g. 'lm-eval:kobest'")
     return names, Path(task_dir).expanduser() if at else shared_data_dir() / "eval" / "kobest"
 
 
@@ -152,22 +153,22 @@ def lm_eval_tasks(source: str) -> list[tuple[str, Iterator[str]]]:
     names, task_dir = parse_lm_eval(source)
     pack_names = {m for p in PACK_DIR.rglob("*.yaml") for m in _PACK_NAME.findall(p.read_text(encoding="utf-8"))}
     if set(names) & pack_names and not task_dir.is_dir():
-        raise FileNotFoundError(f"{source}: the offline KoBEST data folder is missing: {task_dir}")
+        raise MissingPathError(f"{source}: the offline KoBEST data folder is missing: {task_dir}")
     logging.getLogger("lm_eval.tasks._index").setLevel(logging.ERROR)  # the pack shadows lm-eval's kobest
     manager = TaskManager(include_path=str(PACK_DIR), include_defaults=not set(names) <= pack_names,
                           metadata={"task_dir": str(task_dir.resolve())})
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
-        raise ValueError(f"{source}: lm-eval has no task or group {', '.join(map(repr, unknown))}")
+        raise ConfigError(f"{source}: lm-eval has no task or group {', '.join(map(repr, unknown))}")
     out: list[tuple[str, Iterator[str]]] = []
     for name in names:
         try:
             tasks = manager.load([name])["tasks"]  # flat {task name: Task}: groups expand to their tasks
         except Exception as e:  # datasets raises many kinds when offline and uncached
             first = str(e).splitlines()[0] if str(e) else ""
-            raise FileNotFoundError(f"{source}: could not load the data of lm-eval task {name!r} "
-                                    f"({type(e).__name__}: {first}); hub tasks need their dataset in the "
-                                    "Hugging Face cache") from None
+            raise MissingPathError(f"{source}: could not load the data of lm-eval task {name!r} "
+                                   f"({type(e).__name__}: {first}); hub tasks need their dataset in the "
+                                   "Hugging Face cache") from None
         for task_name, task in sorted(tasks.items()):
             out.append((task_name, (text for doc in task.eval_docs for text in _doc_strings(doc))))
     return out
@@ -193,7 +194,7 @@ def build_index(sources: list[str | Path], out_dir: str | Path, *, n_grams: int 
     Skips the work when `out_dir/index.json` already describes the same sources and settings.
     """
     if not 1 <= min_item_words <= n_grams:
-        raise ValueError(f"decontamination: need 1 <= min_item_words <= n_grams, got {min_item_words}, {n_grams}")
+        raise ConfigError(f"decontamination: need 1 <= min_item_words <= n_grams, got {min_item_words}, {n_grams}")
     out_dir = Path(out_dir)
     settings = {"sources": [source_label(s) for s in sources], "n_grams": n_grams,
                 "min_item_words": min_item_words, "tokenizer": "simplify_text + whitespace", "hash": str(HASH)}

@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 
 from kfoundry.data.curate.lean import LeanFilter
+from kfoundry.errors import ConfigError
 from kfoundry.text import HANGUL_LETTER
 
 ROUTES = ("ko", "mixed", "en", "other", "none")
@@ -39,11 +40,11 @@ class LanguageConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.keep) - set(ROUTES))
         if unknown or not self.keep:
-            raise ValueError(f"language.keep must list routes among {', '.join(ROUTES)}; got {self.keep}")
+            raise ConfigError(f"language.keep must list routes among {', '.join(ROUTES)}; got {self.keep}")
         if not 0.0 < self.mixed_min_hangul <= self.ko_min_hangul <= 1.0:
-            raise ValueError("language: need 0 < mixed_min_hangul <= ko_min_hangul <= 1")
+            raise ConfigError("language: need 0 < mixed_min_hangul <= ko_min_hangul <= 1")
         if not 0.0 < self.en_min_latin <= 1.0:
-            raise ValueError("language: en_min_latin must be in (0, 1]")
+            raise ConfigError("language: en_min_latin must be in (0, 1]")
 
 
 def latin_share(text: str) -> float:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import ftfy
 
 from kfoundry.data.curate.lean import LeanFilter
+from kfoundry.errors import ConfigError
 from kfoundry.text import hangul_share, nfc
 
 TOO_LONG, BINARY_JUNK, EMPTY, TOO_SHORT = "too_long", "binary_junk", "empty", "too_short"
@@ -70,9 +71,9 @@ class NormalizeConfig:
 
     def __post_init__(self) -> None:
         if self.min_chars < 1 or self.max_chars < self.min_chars:
-            raise ValueError(f"normalize: need 1 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
+            raise ConfigError(f"normalize: need 1 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
         if not 0.0 < self.max_junk_fraction <= 1.0:
-            raise ValueError(f"normalize: max_junk_fraction must be in (0, 1], got {self.max_junk_fraction}")
+            raise ConfigError(f"normalize: max_junk_fraction must be in (0, 1], got {self.max_junk_fraction}")
 
 
 def junk_fraction(text: str) -> float:

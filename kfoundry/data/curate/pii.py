@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 from datatrove.pipeline.base import PipelineStep
 
+from kfoundry.errors import ConfigError
+
 PII_TYPES = ("email", "rrn", "card", "phone", "account", "passport", "ip")
 
 
@@ -237,7 +239,7 @@ class RedactPII(PipelineStep):
         super().__init__()
         unknown = sorted(set(kinds) - set(PII_TYPES))
         if unknown:
-            raise ValueError(f"pii.types: unknown {unknown}; known: {', '.join(PII_TYPES)}")
+            raise ConfigError(f"pii.types: unknown {unknown}; known: {', '.join(PII_TYPES)}")
         self.kinds = tuple(kinds)
         self.changes: Counter = Counter()
 

@@ -38,6 +38,7 @@ from kfoundry.data.curate.finalize import Finalize, tokenizer_dir, write_done_ma
 from kfoundry.data.curate.recipe import Recipe, load_recipe, resolve_set
 from kfoundry.data.curate.stages import build_plan, check_executor, make_executors, run_local
 from kfoundry.data.shard_tasks import shard_stages
+from kfoundry.errors import ConfigError, MissingPathError
 from kfoundry.fileio import atomic_write_json, read_json
 
 SHARD_TOKENS = 1 << 24  # tokens per shard file, as `kfoundry data shard` writes by default
@@ -123,8 +124,8 @@ def _decontam_sets(recipe: Recipe, decontam: list[str] | None) -> tuple[list[str
         p = Path(entry).expanduser()
         if not p.is_dir():
             where = "--decontam folder" if decontam is not None else f"evaluation set of recipe {recipe.name!r}"
-            raise FileNotFoundError(f"{where} not found: {p}; give --decontam DIR or --decontam lm-eval:TASKS, "
-                                    "or --no-decontam to curate without decontamination")
+            raise MissingPathError(f"{where} not found: {p}; give --decontam DIR or --decontam lm-eval:TASKS, "
+                                   "or --no-decontam to curate without decontamination")
         found.append(str(p.resolve()))
     return found, ""
 
@@ -157,12 +158,12 @@ def prepare(
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     check_executor(executor, executor_options)
     if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     tasks = tasks if tasks is not None else 2 * workers
     if tasks < 1:
-        raise ValueError(f"--tasks must be at least 1, got {tasks}")
+        raise ConfigError(f"--tasks must be at least 1, got {tasks}")
     if tokenizer is not None and not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"tokenizer directory not found (no tokenizer.json): {tokenizer}")
+        raise MissingPathError(f"tokenizer directory not found (no tokenizer.json): {tokenizer}")
     iter_documents(corpus)  # checks the SPEC now: a missing path fails here, not inside a worker
     out = Path(out).expanduser().resolve()
     sets, note = _decontam_sets(rec, decontam)
@@ -179,8 +180,8 @@ def prepare(
         differ = sorted(k for k in {*old, *settings} - set(_RUN_ONLY) if old.get(k) != settings.get(k))
         same = not differ
         if not same and not overwrite:
-            raise ValueError(f"{out} holds a curation run with other settings ({', '.join(differ)}); choose "
-                             "another --out or pass --overwrite")
+            raise ConfigError(f"{out} holds a curation run with other settings ({', '.join(differ)}); choose "
+                              "another --out or pass --overwrite")
         if not same:
             shutil.rmtree(out)
         else:
@@ -190,7 +191,7 @@ def prepare(
             return read_json(out / "data_card.json")
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise ValueError(f"{out} exists and is not a curation run; choose another --out or pass --overwrite")
+            raise ConfigError(f"{out} exists and is not a curation run; choose another --out or pass --overwrite")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -55,6 +55,7 @@ from datatrove.utils.text import PUNCTUATION_SET, split_into_words
 
 from kfoundry.data.curate.lean import LeanFilter
 from kfoundry.data.curate.words import JoinedWords, KoreanWords, LatinWords
+from kfoundry.errors import ConfigError
 
 # Step name -> datatrove class, in the order the steps run.
 QUALITY_FILTERS: dict[str, type] = {
@@ -243,17 +244,17 @@ def check_thresholds(thresholds: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Fail early (at recipe load) on a misspelt filter or argument name."""
     for lang, steps in thresholds.items():
         if not isinstance(steps, dict):
-            raise ValueError(f"quality.thresholds.{lang} must be a mapping of filter name -> arguments")
+            raise ConfigError(f"quality.thresholds.{lang} must be a mapping of filter name -> arguments")
         for step, kwargs in steps.items():
             if step not in QUALITY_FILTERS:
-                raise ValueError(f"quality.thresholds.{lang}: unknown filter {step!r}; "
-                                 f"known: {', '.join(QUALITY_FILTERS)}")
+                raise ConfigError(f"quality.thresholds.{lang}: unknown filter {step!r}; "
+                                  f"known: {', '.join(QUALITY_FILTERS)}")
             allowed = set(inspect.signature(QUALITY_FILTERS[step].__init__).parameters) - {
                 "self", "exclusion_writer", "language"}
             bad = sorted(set(kwargs or {}) - allowed)
             if bad:
-                raise ValueError(f"quality.thresholds.{lang}.{step}: unknown argument(s) {bad}; "
-                                 f"{QUALITY_FILTERS[step].__name__} takes {sorted(allowed)}")
+                raise ConfigError(f"quality.thresholds.{lang}.{step}: unknown argument(s) {bad}; "
+                                  f"{QUALITY_FILTERS[step].__name__} takes {sorted(allowed)}")
 
 
 def build_quality_steps(thresholds: dict[str, dict[str, dict[str, Any]]], kiwi_model: str,

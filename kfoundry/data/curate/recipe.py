@@ -30,6 +30,7 @@ from kfoundry.data.curate.normalize import NormalizeConfig
 from kfoundry.data.curate.pii import PII_TYPES
 from kfoundry.data.curate.quality import check_thresholds
 from kfoundry.data.curate.words import KIWI_MODELS
+from kfoundry.errors import ConfigError
 
 SHARED_PREFIX = "shared:"
 
@@ -44,10 +45,10 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         if self.kiwi_model not in KIWI_MODELS:
-            raise ValueError(f"quality.kiwi_model must be one of {', '.join(KIWI_MODELS)}, got {self.kiwi_model!r}")
+            raise ConfigError(f"quality.kiwi_model must be one of {', '.join(KIWI_MODELS)}, got {self.kiwi_model!r}")
         unknown = sorted(set(self.thresholds) - {"ko", "en"})
         if unknown:
-            raise ValueError(f"quality.thresholds: languages must be 'ko' or 'en', got {unknown}")
+            raise ConfigError(f"quality.thresholds: languages must be 'ko' or 'en', got {unknown}")
         check_thresholds(self.thresholds)
 
 
@@ -60,7 +61,7 @@ class DecontConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_item_words <= self.n_grams:
-            raise ValueError("decontaminate: need 1 <= min_item_words <= n_grams")
+            raise ConfigError("decontaminate: need 1 <= min_item_words <= n_grams")
 
 
 @dataclass
@@ -77,9 +78,9 @@ class DedupConfig:
 
     def __post_init__(self) -> None:
         if min(self.n_grams, self.num_buckets, self.hashes_per_bucket) < 1:
-            raise ValueError("dedup: n_grams, num_buckets and hashes_per_bucket must be positive")
+            raise ConfigError("dedup: n_grams, num_buckets and hashes_per_bucket must be positive")
         if self.char_n_grams < 0 or self.char_max_chars < 0:
-            raise ValueError("dedup: char_n_grams and char_max_chars must be >= 0")
+            raise ConfigError("dedup: char_n_grams and char_max_chars must be >= 0")
 
 
 @dataclass
@@ -90,7 +91,7 @@ class PiiConfig:
     def __post_init__(self) -> None:
         unknown = sorted(set(self.types) - set(PII_TYPES))
         if unknown:
-            raise ValueError(f"pii.types: unknown {unknown}; known: {', '.join(PII_TYPES)}")
+            raise ConfigError(f"pii.types: unknown {unknown}; known: {', '.join(PII_TYPES)}")
 
 
 @dataclass
@@ -131,13 +132,13 @@ def _raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ValueError(f"unknown recipe {str(name_or_path)!r}; built-in: {', '.join(builtin_recipes())} "
-                             "(or give a path to a .yaml file)")
+            raise ConfigError(f"unknown recipe {str(name_or_path)!r}; built-in: {', '.join(builtin_recipes())} "
+                              "(or give a path to a .yaml file)")
     if str(path) in seen:
-        raise ValueError(f"recipe {path} extends itself")
+        raise ConfigError(f"recipe {path} extends itself")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"recipe {path} must be a YAML mapping")
+        raise ConfigError(f"recipe {path} must be a YAML mapping")
     data.setdefault("name", path.stem)
     parent = data.pop("extends", None)
     if parent:
@@ -151,7 +152,7 @@ def _raw(name_or_path: str | Path, seen: tuple = ()) -> dict:
 def recipe_from_dict(data: dict) -> Recipe:
     unknown = sorted(set(data) - set(_SECTIONS) - {"name", "description"})
     if unknown:
-        raise ValueError(f"recipe: unknown key(s) {unknown}; known: name, description, {', '.join(_SECTIONS)}")
+        raise ConfigError(f"recipe: unknown key(s) {unknown}; known: name, description, {', '.join(_SECTIONS)}")
     kwargs: dict[str, Any] = {"name": str(data.get("name", "custom")),
                               "description": str(data.get("description", "")).strip()}
     for key, cls in _SECTIONS.items():
@@ -160,15 +161,15 @@ def recipe_from_dict(data: dict) -> Recipe:
         section = data[key]
         if section is None:
             if key != "quality":
-                raise ValueError(f"recipe: only 'quality' can be null (turned off), not {key!r}")
+                raise ConfigError(f"recipe: only 'quality' can be null (turned off), not {key!r}")
             kwargs[key] = None
             continue
         if not isinstance(section, dict):
-            raise ValueError(f"recipe: {key!r} must be a mapping")
+            raise ConfigError(f"recipe: {key!r} must be a mapping")
         allowed = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(section) - allowed)
         if bad:
-            raise ValueError(f"recipe: {key} has unknown key(s) {bad}; known: {sorted(allowed)}")
+            raise ConfigError(f"recipe: {key} has unknown key(s) {bad}; known: {sorted(allowed)}")
         kwargs[key] = cls(**section)
     return Recipe(**kwargs)
 

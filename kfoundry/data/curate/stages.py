@@ -48,6 +48,7 @@ from kfoundry.data.curate.pii import RedactPII
 from kfoundry.data.curate.quality import build_quality_steps
 from kfoundry.data.curate.recipe import Recipe
 from kfoundry.data.curate.words import SpaceWords
+from kfoundry.errors import ConfigError
 
 EXECUTORS = ("local", "slurm", "ray")
 # sha1, not datatrove's default xxhash: datatrove's xxhash helper needs xxhash<4, and our environment has 4.x.
@@ -248,10 +249,10 @@ def build_plan(spec: str, out: Path, recipe: Recipe, tasks: int, *, decontam_ind
 def check_executor(executor: str, options: dict[str, Any] | None) -> None:
     """Fail before any work on an unknown executor or a Slurm run without partition and time."""
     if executor not in EXECUTORS:
-        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+        raise ConfigError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     missing = [k for k in ("partition", "time") if executor == "slurm" and k not in (options or {})]
     if missing:
-        raise ValueError("--executor slurm needs " + " ".join(f"--executor-opt {k}=..." for k in missing))
+        raise ConfigError("--executor slurm needs " + " ".join(f"--executor-opt {k}=..." for k in missing))
 
 
 def make_executors(plan: Plan, executor: str, workers: int, options: dict[str, Any] | None = None

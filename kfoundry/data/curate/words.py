@@ -34,6 +34,8 @@ from typing import Any
 from datatrove.utils.word_tokenizers import KiwiTokenizer, WordTokenizer
 from kiwipiepy import Kiwi
 
+from kfoundry.errors import ConfigError
+
 KIWI_MODELS = ("knlm", "sbg")
 
 # Runs of letters/digits (with inner apostrophes or hyphens: "don't", "state-of-the-art"), else one symbol.
@@ -64,7 +66,7 @@ class KoreanWords(KiwiTokenizer):
 
     def __init__(self, model_type: str = "knlm"):
         if model_type not in KIWI_MODELS:
-            raise ValueError(f"unknown Kiwi model {model_type!r}; choose one of {', '.join(KIWI_MODELS)}")
+            raise ConfigError(f"unknown Kiwi model {model_type!r}; choose one of {', '.join(KIWI_MODELS)}")
         super().__init__(model_type=model_type)
 
     @property

@@ -44,6 +44,7 @@ from typing import Protocol, Self
 
 import aiohttp
 
+from kfoundry.errors import ConfigError
 from kfoundry.model.generate import SamplingParams
 from kfoundry.serve.engines.process import ServerProcess
 from kfoundry.serve.scheduler import Event, QueueFull, SchedulerStats, Ticket, check_tickets, report
@@ -127,7 +128,7 @@ class ForwardingEngine:
 
     def __init__(self, upstream: Upstream, *, max_len: int, max_batch: int = 8, max_queue: int = 64, banned_ids=()):
         if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+            raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
         self.upstream = upstream
         self.name = upstream.name
         self.max_len, self.max_batch, self.max_queue = max_len, max_batch, max_queue

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kfoundry.errors import ConfigError
 from kfoundry.model.generate import SamplingParams
 from kfoundry.serve.engines.forward import ForwardingEngine, ProcessUpstream, UpstreamError, error_message
 from kfoundry.serve.engines.llama_server import LlamaServer
@@ -76,7 +77,7 @@ class LlamaCppEngine(ForwardingEngine):
     def __init__(self, gguf: str | Path, *, max_len: int, max_batch: int = 8, max_queue: int = 64,
                  threads: int | None = None, binary: str | Path | None = None, banned_ids=()):
         if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+            raise ConfigError("max_batch must be >= 1 and max_queue >= 0")
         self.server = LlamaServer(gguf, slots=max_batch, ctx=max_len, threads=threads, binary=binary)
         super().__init__(LlamaCppUpstream(self.server), max_len=max_len, max_batch=max_batch, max_queue=max_queue,
                          banned_ids=banned_ids)

@@ -17,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from kfoundry.errors import MissingPathError
 from kfoundry.serve.engines.process import ServerProcess, free_port
 
 __all__ = ["BUILD_HINT", "LlamaServer", "find_llama_server", "free_port"]
@@ -29,7 +30,7 @@ def find_llama_server(explicit: str | Path | None = None) -> Path:
     if explicit:
         path = Path(explicit)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise FileNotFoundError(f"llama-server binary not found or not executable: {path}")
+            raise MissingPathError(f"llama-server binary not found or not executable: {path}")
         return path
     env = os.environ.get("KFOUNDRY_LLAMA_SERVER")
     if env:
@@ -40,7 +41,7 @@ def find_llama_server(explicit: str | Path | None = None) -> Path:
     found = shutil.which("llama-server")
     if found:
         return Path(found)
-    raise FileNotFoundError(f"llama.cpp's llama-server was not found; {BUILD_HINT}")
+    raise MissingPathError(f"llama.cpp's llama-server was not found; {BUILD_HINT}")
 
 
 class LlamaServer(ServerProcess):
@@ -52,7 +53,7 @@ class LlamaServer(ServerProcess):
                  binary: str | Path | None = None, extra_args: list[str] | None = None, start_timeout: float = 120):
         self.gguf = Path(gguf)
         if not self.gguf.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {self.gguf}")
+            raise MissingPathError(f"GGUF file not found: {self.gguf}")
         self.binary = find_llama_server(binary)
         self.slots, self.ctx, self.threads = slots, ctx, threads
         self.extra_args = list(extra_args or [])

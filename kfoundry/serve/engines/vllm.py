@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from kfoundry.errors import DependencyError
+from kfoundry.errors import ConfigError, DependencyError, MissingPathError
 from kfoundry.model.generate import SamplingParams
 from kfoundry.serve.engines.forward import ForwardingEngine, ProcessUpstream, UpstreamError, error_message
 from kfoundry.serve.engines.process import ServerProcess
@@ -61,9 +61,9 @@ class VllmServer(ServerProcess):
                  start_timeout: float = 900):
         self.hf_dir = Path(hf_dir)
         if not (self.hf_dir / "config.json").is_file():
-            raise FileNotFoundError(f"not a Hugging Face model folder (no config.json): {self.hf_dir}")
+            raise MissingPathError(f"not a Hugging Face model folder (no config.json): {self.hf_dir}")
         if tensor_parallel < 1:
-            raise ValueError("--tensor-parallel must be >= 1")
+            raise ConfigError("--tensor-parallel must be >= 1")
         self.prefix = find_vllm(vllm)
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.tensor_parallel, self.dtype = tensor_parallel, dtype
