@@ -5,21 +5,18 @@ as a default. The callable returns an exit code (or None for 0).
 
 Errors a user can fix (a bad setting, a missing path, a broken checkpoint, a missing optional package) are
 `KFoundryError`s (errors.py) and are printed as one line, exit code 2. Anything else is a bug, or a failure
-inside a library we call, and keeps its full traceback: a `ValueError` raised inside torch or numpy is not a
-message meant for the user. Until every check in the package raises a `KFoundryError`, a plain `ValueError` /
-`FileNotFoundError` that kfoundry's own code raised on purpose (a `raise ...(...)` statement in a kfoundry module)
-is still printed in one line (`_raised_by_kfoundry`). `KFOUNDRY_DEBUG=1` shows the traceback of everything.
+inside a library we call, and keeps its full traceback: a `ValueError` raised inside torch or numpy, or a plain
+`ValueError` that guards one of kfoundry's own internal invariants, is not a message meant for the user. The
+class alone decides; tests/test_errors.py keeps every user-facing check in the package a `KFoundryError`.
+`KFOUNDRY_DEBUG=1` shows the traceback of everything.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import linecache
 import os
-import re
 import sys
-from pathlib import Path
 
 from kfoundry.errors import KFoundryError
 
@@ -42,32 +39,9 @@ STAGE_MODULES = [
 ]
 
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-_RAISE = re.compile(r"raise\s+[A-Za-z_][\w.]*\(")
-# Exceptions kfoundry's own checks raised before the KFoundryError family existed (see _raised_by_kfoundry).
-LEGACY_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
-
-
-def _raised_by_kfoundry(e: BaseException) -> bool:
-    """True when the innermost frame of `e` is a `raise Name(...)` statement in a kfoundry module: a message we
-    wrote for the user. False when it came from inside another library (torch, numpy, the standard library) or
-    from a failing call in our code (`int("x")`), which are bugs and keep their traceback."""
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    filename = tb.tb_frame.f_code.co_filename
-    try:
-        ours = Path(filename).resolve().is_relative_to(PACKAGE_DIR)
-    except OSError:
-        return False
-    return ours and bool(_RAISE.match(linecache.getline(filename, tb.tb_lineno).strip()))
-
-
 def is_user_error(e: BaseException) -> bool:
     """Printed in one line (True) or with its traceback (False)."""
-    return isinstance(e, KFoundryError) or (isinstance(e, LEGACY_USER_ERRORS) and _raised_by_kfoundry(e))
+    return isinstance(e, KFoundryError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -249,6 +249,7 @@ def test_which_errors_are_printed_in_one_line():
         int("x")
     except ValueError as e:
         assert not is_user_error(e)  # a failing call, not a message we wrote
+    assert not is_user_error(ValueError("a plain ValueError is a bug, wherever it was raised"))
     with pytest.raises(ConfigError) as e:
         resolve("huge")
     assert is_user_error(e.value)

@@ -16,6 +16,7 @@ import pytest
 
 from kfoundry.corpus import CorpusError, CorpusStats, Document, describe_sources, guess_lang, iter_documents
 from kfoundry.corpus import files as corpus_files
+from kfoundry.errors import KFoundryError
 
 NFD_HANGUL = "\u1112\u1161\u11ab\u1100\u1173\u11af"  # "한글" as decomposed jamo
 BAD_UTF8 = b"\xff\xfe broken \xc3\x28"
@@ -432,7 +433,7 @@ def test_bad_specs_fail_fast_with_one_line(tmp_path, spec, message):
     with pytest.raises(CorpusError) as info:
         iter_documents(spec)  # raised by the call itself, before any document is requested
     assert message in str(info.value) and "\n" not in str(info.value)
-    assert isinstance(info.value, ValueError)  # the CLI turns ValueError into one line and exit code 2
+    assert isinstance(info.value, KFoundryError) and isinstance(info.value, ValueError)  # one line, exit 2
 
 
 def test_cli_prints_a_corpus_error_as_one_line_with_exit_code_2(monkeypatch, capsys):

@@ -85,7 +85,7 @@ def run_shard(args: argparse.Namespace) -> int:
         raise MissingPathError(f"tokenizer directory not found: {tok_dir}")
     tok = KTokenizer.load(tok_dir)
     stats = CorpusStats()
-    # A bad spec raises CorpusError (a ValueError: one line, exit 2) here, before anything is written.
+    # A bad spec raises CorpusError (a DataError: one line, exit 2) here, before anything is written.
     docs = iter_documents(args.corpus, stats, max_chars_per_doc=args.max_chars_per_doc, seed=args.seed)
     config = {"command": "data shard", "tokenizer_hash": tok.hash,
               **{k: v for k, v in vars(args).items() if k not in ("func", "command", "data_command")}}
