@@ -3,8 +3,8 @@
 The CLI prints a `KFoundryError` as one line (`kfoundry: error: ...`) and exits 2; any other exception is a bug
 (or a failure inside a library we call) and keeps its traceback. That is the whole rule: the CLI looks at the
 class, never at where or how the exception was raised, so every check in kfoundry that a user can trip raises
-one of these (tests/test_errors.py fails on a bare `raise ValueError(...)` that is not on its list of internal
-invariants).
+one of these (tests/test_errors.py fails on a bare builtin ValueError raised anywhere that is not on its list
+of internal invariants).
 
 Each subclass also derives from the builtin exception that the check raised before this family existed
 (`ValueError`, `FileNotFoundError`, `FileExistsError`, `NotADirectoryError`, `ImportError`), so code that
