@@ -9,7 +9,7 @@ of internal invariants).
 Each subclass also derives from the builtin exception that the check raised before this family existed
 (`ValueError`, `FileNotFoundError`, `FileExistsError`, `NotADirectoryError`, `ImportError`), so code that
 catches the builtin keeps working: `except ValueError` around a configuration, `pytest.raises(ValueError)`, and
-pydantic validators, which turn a `ValueError` into a 422 response.
+pydantic validators, which turn a `ValueError` into a validation error (our server answers it with a 400).
 
 Which class to raise:
 - `ConfigError`: a setting, option, recipe, preset or argument (including `--out` that already exists);
