@@ -11,13 +11,15 @@ Tiny models, built once per session and shared by every test file that asks for 
 - `micro_trained`: a test-micro model (context 128) pretrained for 200 steps on `micro_data`.
 
 They are shared, so they are read-only: a test that would write into one copies it first.
-`one_thread` pins torch to one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`).
+`one_thread` pins torch to one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`);
+`torch_threads(n)` does so for one block.
 Plain helpers for test files (`from conftest import ...`): `MIXED_TEXTS`, `TINY_TEXTS`, `assert_hf_logits_match`,
 `decoder_logits` and `assert_greedy_agrees_where_clear`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -120,15 +122,24 @@ def mixed_texts() -> list[str]:
     return list(MIXED_TEXTS)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch computes on `n` threads inside the block, and on as many as before after it."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine, two threads mostly wait for each other."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -194,12 +205,15 @@ MICRO_TRAINED = ["train.max_steps=200", "train.eval_every=200", "train.ckpt_ever
 def micro_trained(micro_data, tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint, shard dir): a test-micro model (~107k parameters, context 128) pretrained for 200 steps on
     `micro_data`. Read-only. Training uses seq_len 64, so the context of 128 changes no weight (the same run
-    with context 64 ends bit-identical); it only lets llama.cpp and chat prompts be longer."""
+    with context 64 ends bit-identical); it only lets llama.cpp and chat prompts be longer. It trains on one
+    thread whichever module asks first, so every test order gets the same weights, at a fraction of the CPU time
+    two threads waiting for each other take on a busy machine."""
     from kfoundry.config import resolve
     from kfoundry.train import loop
 
     tok_dir, shards = micro_data
     cfg = resolve("test-micro", overrides=MICRO_TRAINED)
-    summary = loop.pretrain(cfg, tmp_path_factory.mktemp("micro-trained") / "run", shard_dir=shards,
-                            tokenizer_dir=tok_dir, progress=False, log=lambda m: None)
+    with torch_threads(1):
+        summary = loop.pretrain(cfg, tmp_path_factory.mktemp("micro-trained") / "run", shard_dir=shards,
+                                tokenizer_dir=tok_dir, progress=False, log=lambda m: None)
     return Path(summary["checkpoint"]), shards

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from kfoundry.checkpoint import list_checkpoints, load_config, load_tokenizer, r
 from kfoundry.cli import main
 from kfoundry.post.distill import distill_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 STUDENT = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=64",
            "train.max_steps=30", "train.warmup_steps=4", "train.eval_every=30", "train.log_every=10"]
 
@@ -87,7 +89,8 @@ def test_killed_run_resumes_to_the_same_weights(teacher, tmp_path, capsys):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kfoundry", "distill", "--teacher", str(ckpt), "--out",
                              str(killed), "--shards", str(shards), "--no-progress", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread, as this process computes
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not list_checkpoints(killed / "ckpt"):
         time.sleep(0.01)

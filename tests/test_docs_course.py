@@ -138,9 +138,12 @@ def course_env(tmp_path_factory, shared_data):
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
+    # One torch thread per process: up to three scripts (the course and two lanes of guides) share the cores, and
+    # a small-scale model's two threads would mostly spin waiting for each other (what is shown is not a speed).
     env = {**os.environ, **SMALL, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": str(ROOT), "KFOUNDRY_SHARED_DATA": str(shared_data), "PORT": str(_free_port()),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": "1"}
     return {"dir": work, "env": env, "failed": []}
 
 

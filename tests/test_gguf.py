@@ -32,6 +32,7 @@ from kfoundry.text import nfc
 
 # Bits-per-byte tolerances, relative to our float32 model on the same validation tokens. F32 and F16 differ only
 # by rounding; Q8_0 keeps ~8 bits per weight; Q4_0 (with its output matrix kept at Q8_0) loses more.
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 BPB_TOL = {"f32": 0.001, "f16": 0.005, "q8_0": 0.01, "q4_0": 0.05}
 
 EXTRA_TEXTS = [
@@ -57,8 +58,8 @@ def llama_cpp():
 
 def open_llama(llama_cpp, path: Path, n_ctx: int = 128, logits_all: bool = True):
     """A llama.cpp context with a float32 KV cache (its default f16 cache would add rounding of its own) and,
-    unless told otherwise, logits kept for every position."""
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=logits_all,
+    unless told otherwise, logits kept for every position; one thread, as our side computes (module's one_thread)."""
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, logits_all=logits_all,
                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, seed=0, verbose=False)
 
 

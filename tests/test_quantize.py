@@ -16,6 +16,7 @@ from kfoundry.model.generate import SamplingParams, generate
 from kfoundry.model.llama import Transformer
 from kfoundry.model.quantize import Int8Embedding, Int8Linear, model_bytes, quantize_int8, quantize_weight
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run fastest on one thread
 TRAIN_TEXT = TINY_TEXTS
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,9 +116,16 @@ def test_z_loss_setting_reaches_the_training_loss(prepared, tmp_path):
     assert first[0.5] - first[0.0] > 0.25 * math.log(512) ** 2, first  # measured 19.6; 0.5 * ln(512)^2 = 19.5
 
 
-def test_sigkill_and_resume_is_bit_exact(prepared, tmp_path):
-    ref = tmp_path / "ref"
+@pytest.fixture(scope="module")
+def reference_run(prepared, tmp_path_factory) -> Path:
+    """The uninterrupted 24-step CLI run (its own process, under `exact_env`) that every resumed run below must end
+    bit for bit equal to. Read-only: a test that changes a run works on a copy."""
+    ref = tmp_path_factory.mktemp("train-ref") / "ref"
     subprocess.run(cli(ref, prepared), check=True, capture_output=True, timeout=300, env=exact_env())
+    return ref
+
+
+def test_sigkill_and_resume_is_bit_exact(prepared, reference_run, tmp_path):
     run = tmp_path / "killed"
     rng = random.Random(os.getpid())
     kills = 0
@@ -137,15 +145,13 @@ def test_sigkill_and_resume_is_bit_exact(prepared, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "resumed from" in done.stderr or json.loads(done.stdout.splitlines()[-1])["step"] == 24
     assert loop.list_checkpoints(run / "ckpt")[-1].name == "step-000024"
-    assert same(final_weights(run), final_weights(ref))
+    assert same(final_weights(run), final_weights(reference_run))
     assert not list((run / "ckpt").glob(".tmp-*"))  # leftovers of a killed write are cleaned up
 
 
-def test_corrupt_checkpoint_is_refused_and_previous_used(prepared, tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run(cli(ref, prepared), check=True, capture_output=True, timeout=300, env=exact_env())
+def test_corrupt_checkpoint_is_refused_and_previous_used(prepared, reference_run, tmp_path):
     run = tmp_path / "run"
-    subprocess.run(cli(run, prepared), check=True, capture_output=True, timeout=300, env=exact_env())
+    shutil.copytree(reference_run, run)  # a finished run; resuming it from step 20 is a new process's work
     newest = loop.list_checkpoints(run / "ckpt")[-1]
     assert newest.name == "step-000024"
     weights = newest / "model.safetensors"
@@ -160,7 +166,7 @@ def test_corrupt_checkpoint_is_refused_and_previous_used(prepared, tmp_path):
     done = subprocess.run(cli(run, prepared, "--resume", "auto"), capture_output=True, text=True, timeout=300, env=exact_env())
     assert done.returncode == 0, done.stderr
     assert "refusing checkpoint" in done.stderr and "resumed from" in done.stderr and "step-000020" in done.stderr
-    assert same(final_weights(run), final_weights(ref))
+    assert same(final_weights(run), final_weights(reference_run))
 
 
 def test_init_from_checkpoint_restarts_schedule(prepared, tmp_path):
