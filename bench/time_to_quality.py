@@ -75,7 +75,7 @@ BASELINE_WARMUP = 0.1
 RECIPE_MODEL_KEYS = ("qk_norm", "init_std")
 # Settings added after runs were first cached: left out of a run's identity while at their default, so a run cached
 # before they existed (which trained exactly as the default does) is still found.
-ADDED_LATER = {"z_loss": 0.0}
+ADDED_LATER = {"z_loss": 0.0, "muon_ns_steps": 5}
 
 
 def load() -> str:
@@ -337,7 +337,7 @@ def ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, s
 
 
 def _recipe(tc: TrainConfig) -> dict[str, Any]:
-    keys = ("optimizer", "lr", "muon_lr", "muon_momentum", "muon_weight_decay", "embed_lr", "head_lr", "norm_lr",
+    keys = ("optimizer", "lr", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_ns_steps", "embed_lr", "head_lr", "norm_lr",
             "schedule", "decay_frac", "min_lr_ratio", "warmup_steps", "max_steps", "micro_batch_size",
             "weight_decay", "beta1", "beta2", "grad_clip", "z_loss")
     return {k: getattr(tc, k) for k in keys}

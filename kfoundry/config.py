@@ -86,6 +86,8 @@ class TrainConfig:
     muon_lr: float = _s(0.02, "optimizer=muon: Muon's peak learning rate on the hidden matrices")
     muon_momentum: float = _s(0.95, "optimizer=muon: Muon's momentum, in [0, 1)")
     muon_weight_decay: float = _s(0.0, "optimizer=muon: decoupled decay of the hidden matrices (x lr per step)")
+    muon_ns_steps: int = _s(5, "optimizer=muon: Newton-Schulz iterations per step; each costs 4m²n+2m³ FLOPs per "
+                               "m×n matrix (m <= n), a real share of a step at small batches")
     embed_lr: float | None = _s(None, "peak learning rate of the token embedding; null = lr", legacy_off=0.0)
     head_lr: float | None = _s(None, "peak learning rate of an untied output head; null = lr", legacy_off=0.0)
     norm_lr: float | None = _s(None, "peak learning rate of the RMSNorm gains; null = lr", legacy_off=0.0)
@@ -389,7 +391,8 @@ def _model_problems(m: ModelConfig, p: str = "model.") -> Problems:
 
 def _train_problems(t: TrainConfig, m: ModelConfig, stage: str, model_known: bool) -> Problems:
     problems: Problems = []
-    _positive(problems, t, "train.", "micro_batch_size lr muon_lr eval_batches log_every dist_timeout_minutes")
+    _positive(problems, t, "train.", "micro_batch_size lr muon_lr muon_ns_steps eval_batches log_every "
+                                     "dist_timeout_minutes")
     _positive(problems, t, "train.", "seq_len tokens_per_step max_steps embed_lr head_lr norm_lr grad_clip "
                                      "eval_every ckpt_every keep_last max_minutes", optional=True)
     if t.max_steps is None and stage not in EPOCH_STAGES:

@@ -98,15 +98,17 @@ def test_adamw_is_unchanged_by_grouping():
     assert optimizer_flops_per_step(model, tc) == 0.0
 
 
-def test_hybrid_step_is_torch_muon_plus_torch_adamw():
-    """The combined optimizer does exactly what PyTorch's Muon and AdamW do when stepped side by side."""
+@pytest.mark.parametrize("ns_steps", [5, 3])
+def test_hybrid_step_is_torch_muon_plus_torch_adamw(ns_steps):
+    """The combined optimizer does exactly what PyTorch's Muon and AdamW do when stepped side by side, with
+    PyTorch's 5 Newton-Schulz iterations or the cheaper count `train.muon_ns_steps` asks for."""
     data = fixed_batches(512, 3)
-    tc = muon_cfg()
+    tc = muon_cfg(muon_ns_steps=ns_steps)
     a, b = micro(seed=0), micro(seed=0)
     ours = build_optimizer(a, tc, "cpu")
     roles = split_parameters(b)
     muon = torch.optim.Muon(roles["hidden"], lr=tc.muon_lr, weight_decay=tc.muon_weight_decay,
-                            momentum=tc.muon_momentum, nesterov=True, adjust_lr_fn="original")
+                            momentum=tc.muon_momentum, nesterov=True, adjust_lr_fn="original", ns_steps=ns_steps)
     adamw = torch.optim.AdamW([{"params": roles["embed"], "weight_decay": tc.weight_decay},
                                {"params": roles["norm"], "weight_decay": 0.0}], lr=tc.lr, betas=(0.9, 0.95),
                               eps=1e-8, fused=True)
@@ -123,7 +125,9 @@ def test_hybrid_step_is_torch_muon_plus_torch_adamw():
                 o.zero_grad(set_to_none=True)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
-    assert optimizer_flops_per_step(a, tc) > 0
+    # Newton-Schulz FLOPs are linear in the iteration count: 3 iterations cost 3/5 of 5.
+    five = optimizer_flops_per_step(a, muon_cfg())
+    assert five > 0 and optimizer_flops_per_step(a, tc) == pytest.approx(five * ns_steps / 5)
 
 
 def test_muon_learns():

@@ -177,7 +177,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(adamw_groups, **adamw_kwargs)
     muon_groups = [group("hidden", weight_decay=cfg.muon_weight_decay)] if roles["hidden"] else []
-    muon_kwargs = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original")
+    muon_kwargs = dict(lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True, adjust_lr_fn="original",
+                       ns_steps=cfg.muon_ns_steps)
     return MuonAdamW(muon_groups, adamw_groups, muon_kwargs=muon_kwargs, adamw_kwargs=adamw_kwargs)
 
 
@@ -200,7 +201,7 @@ def optimizer_flops_per_step(model: nn.Module, cfg: TrainConfig) -> float:
     total = 0.0
     for p in split_parameters(model)["hidden"]:
         m, n = sorted(p.shape[:2])
-        total += 5 * (4 * m * m * n + 2 * m ** 3)  # torch.optim.Muon's default: 5 Newton-Schulz steps
+        total += cfg.muon_ns_steps * (4 * m * m * n + 2 * m ** 3)
     return float(total)
 
 
