@@ -7,7 +7,7 @@ one of these (tests/test_errors.py fails on a bare builtin ValueError raised any
 of internal invariants).
 
 Each subclass also derives from the builtin exception that the check raised before this family existed
-(`ValueError`, `FileNotFoundError`, `FileExistsError`, `NotADirectoryError`, `ImportError`), so code that
+(`ValueError`, `FileNotFoundError`, `FileExistsError`, `ImportError`), so code that
 catches the builtin keeps working: `except ValueError` around a configuration, `pytest.raises(ValueError)`, and
 pydantic validators, which turn a `ValueError` into a validation error (our server answers it with a 400).
 
@@ -15,7 +15,7 @@ Which class to raise:
 - `ConfigError`: a setting, option, recipe, preset or argument (including `--out` that already exists);
 - `CheckpointError`: a checkpoint, export or other model file (weights, config.json, tokenizer, chat template);
 - `DataError`: input data (corpora, shards, chat and preference files, evaluation sets, a request's content);
-- `MissingPathError` / `PathExistsError` / `NotADirError`: a path that is missing, in the way, or not a folder;
+- `MissingPathError` / `PathExistsError`: a path that is missing, or in the way;
 - `DependencyError`: an optional package or program that is not installed.
 """
 
@@ -51,6 +51,3 @@ class MissingPathError(KFoundryError, FileNotFoundError):
 class PathExistsError(KFoundryError, FileExistsError):
     """A path that must not exist yet already does (also a FileExistsError, for code that catches that)."""
 
-
-class NotADirError(KFoundryError, NotADirectoryError):
-    """A path that must be a directory is a file (also a NotADirectoryError, for code that catches that)."""

@@ -23,7 +23,7 @@ from kfoundry.cli import is_user_error
 from kfoundry.corpus import CorpusError
 from kfoundry.convert.import_hf import UnsupportedConfigError
 from kfoundry.errors import (CheckpointError, ConfigError, DataError, DependencyError, KFoundryError,
-                             MissingPathError, NotADirError, PathExistsError)
+                             MissingPathError, PathExistsError)
 from kfoundry.fileio import atomic_dir
 from kfoundry.model.generate import SamplingParams
 from kfoundry.model.sampling import filter_logits
@@ -84,7 +84,7 @@ def bare_raises(path: Path) -> list[tuple[str, int]]:
 
 def test_every_user_facing_raise_is_a_kfoundry_error():
     """A new `raise ValueError(...)` in kfoundry fails here: raise ConfigError / CheckpointError / DataError /
-    MissingPathError / PathExistsError / NotADirError instead, or, for a true internal invariant, add it to
+    MissingPathError / PathExistsError instead, or, for a true internal invariant, add it to
     INTERNAL_INVARIANTS with the reason it cannot fire without a bug."""
     seen: Counter = Counter()
     where: dict = {}
@@ -113,7 +113,7 @@ def test_the_scan_sees_what_it_must(tmp_path):
 
 @pytest.mark.parametrize("cls, builtin", [
     (ConfigError, ValueError), (CheckpointError, ValueError), (DataError, ValueError),
-    (MissingPathError, FileNotFoundError), (PathExistsError, FileExistsError), (NotADirError, NotADirectoryError),
+    (MissingPathError, FileNotFoundError), (PathExistsError, FileExistsError),
     (DependencyError, ImportError), (CorpusError, ValueError), (LedgerError, ValueError),
     (UnsupportedConfigError, ValueError)])
 def test_each_error_is_both_a_kfoundry_error_and_the_builtin_it_replaced(cls, builtin):
@@ -123,7 +123,7 @@ def test_each_error_is_both_a_kfoundry_error_and_the_builtin_it_replaced(cls, bu
 
 def test_every_class_in_errors_py_is_in_the_family():
     classes = [v for v in vars(errors).values() if isinstance(v, type) and v.__module__ == errors.__name__]
-    assert len(classes) >= 8 and all(issubclass(c, KFoundryError) for c in classes)
+    assert len(classes) >= 7 and all(issubclass(c, KFoundryError) for c in classes)
 
 
 def test_a_user_mistake_is_one_line_and_an_internal_invariant_keeps_its_traceback(tmp_path):

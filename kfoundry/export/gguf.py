@@ -38,7 +38,7 @@ import numpy as np
 
 from kfoundry.checkpoint import load_config, load_model, load_tokenizer
 from kfoundry.config import ModelConfig
-from kfoundry.errors import CheckpointError, ConfigError
+from kfoundry.errors import CheckpointError, ConfigError, DependencyError
 from kfoundry.fileio import atomic_file
 from kfoundry.provenance.record import record_export
 from kfoundry.tokenizer import pipeline
@@ -62,7 +62,7 @@ def _gguf():
     try:
         import gguf
     except ImportError as e:  # a declared dependency; a clear message beats a traceback
-        raise ConfigError("the `gguf` package is needed to write GGUF files: pip install gguf") from e
+        raise DependencyError("the `gguf` package is needed to write GGUF files: pip install gguf") from e
     return gguf
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kfoundry.checkpoint import load_config
+from kfoundry.errors import DependencyError
 from kfoundry.export.gguf import export_gguf
 from kfoundry.speedrun.stage import Section
 from kfoundry.text import nfc
@@ -27,7 +28,7 @@ def run(ckpt: str | Path, run_dir: str | Path, prompt: str, *, seed: int = 0, ma
             res = export_gguf(ckpt, Path(run_dir) / "export" / f"model-{out_type}.gguf", out_type=out_type,
                               overwrite=True)
             break
-        except ValueError as e:
+        except (ValueError, DependencyError) as e:  # a type the model cannot take, or no `gguf` package
             errors.append(f"{out_type}: {e}")
     else:
         return _section({"skipped": "; ".join(errors)})
