@@ -23,7 +23,9 @@ Compute is FLOPs: 6·(matmul weights)·tokens plus attention (Transformer.flops_
 Newton-Schulz FLOPs per optimizer step (optim.optimizer_flops_per_step). FLOP ratios do not depend on the
 machine's load; wall-clock ratios do: in one process the runs follow each other, and with `--cache` each side
 can run as its own process at the same time (then combined by a last call), but a busy shared machine makes
-wall-clock noisy either way. The load average is recorded with every run.
+wall-clock noisy either way. The load average is recorded with every run, and so is each run's CPU time: with
+one thread per process (OMP_NUM_THREADS=1) it is the time the run takes on a core of its own, so the CPU-time
+ratio holds across loads where the wall-clock ratio does not.
 
 The last line printed is the ratios (ours / baseline) per size, and their worst case.
 """
@@ -155,6 +157,9 @@ class Run:
     step: int = 0
     tokens: int = 0
     seconds: float = 0.0  # training wall-clock only (evaluation excluded)
+    # The process's CPU time over the same spans: with one thread (OMP_NUM_THREADS=1) it is what the run takes on a
+    # core of its own, whatever else shares the machine, so runs made at different loads can still be compared.
+    cpu_seconds: float = 0.0
 
     @classmethod
     def start(cls, mcfg: ModelConfig, tc: TrainConfig, shards: Path, seed: int,
@@ -172,7 +177,7 @@ class Run:
     def train_until(self, step: int, schedule: TrainConfig | None = None) -> None:
         """Optimizer steps up to `step`, with the learning rates of `schedule` (default: the run's own)."""
         sched, device = schedule or self.tc, self.device
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         losses = []
         while self.step < step:
             apply_lr(self.opt, self.step, sched)
@@ -195,6 +200,7 @@ class Run:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.seconds += time.perf_counter() - t0
+        self.cpu_seconds += time.process_time() - c0
 
     def branch(self) -> "Run":
         """An independent copy (weights, optimizer moments, data position) to cool down from here."""
@@ -204,7 +210,7 @@ class Run:
         loader = PackedLoader(self.loader.shard_dir, split="train", batch_size=self.tc.micro_batch_size,
                               seq_len=self.tc.seq_len, seed=self.loader.seed)
         loader.load_state_dict(self.loader.state_dict())
-        return Run(model, opt, loader, iter(loader), self.tc, self.step, self.tokens, self.seconds)
+        return Run(model, opt, loader, iter(loader), self.tc, self.step, self.tokens, self.seconds, self.cpu_seconds)
 
     def flops(self, per_token: float, per_step: float) -> float:
         return per_token * self.tokens + per_step * self.step
@@ -276,10 +282,16 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
            "baseline": best, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
            "reached_tune": reached_tune}
     if reached:
-        out["ratios"] = {k: reached[k] / best[k] for k in ("tokens", "flops", "seconds")}
+        out["ratios"] = ratios(reached, best)
     if reached_tune:
-        out["ratios_tune"] = {k: reached_tune[k] / best[k] for k in ("tokens", "flops", "seconds")}
+        out["ratios_tune"] = ratios(reached_tune, best)
     return out
+
+
+def ratios(ours: dict, base: dict) -> dict[str, float]:
+    """ours / baseline for tokens, FLOPs, wall-clock and (when both runs recorded it) CPU seconds."""
+    keys = ["tokens", "flops", "seconds"] + (["cpu_seconds"] if "cpu_seconds" in ours and "cpu_seconds" in base else [])
+    return {k: ours[k] / base[k] for k in keys}
 
 
 def identity(settings) -> dict[str, Any]:
@@ -311,7 +323,8 @@ def baseline_run(mcfg, tc, seed, data, per_token, score) -> dict:
     r = Run.start(mcfg, tc, data["shards"], seed, data["device"])
     r.train_until(tc.max_steps)
     return {"lr": tc.lr, "tune_bpb": score(r.model, data["tune"]), "eval_bpb": score(r.model, data["eval"]),
-            "val_bpb": score(r.model, data["val"]), "seconds": r.seconds, "tokens": r.tokens,
+            "val_bpb": score(r.model, data["val"]), "seconds": r.seconds,
+            "cpu_seconds": r.cpu_seconds, "tokens": r.tokens,
             "flops": r.flops(per_token, 0.0), "load": load()}
 
 
@@ -326,7 +339,7 @@ def ours_branches(mcfg, tc, seed, fractions, data, per_token, per_step, score, s
         b = trunk.branch()
         b.train_until(steps_f, schedule=sched)
         row = {"fraction": f, "steps": b.step, "tokens": b.tokens, "flops": b.flops(per_token, per_step),
-               "seconds": b.seconds, "eval_bpb": score(b.model, data["eval"]), "tune_bpb": score(b.model, data["tune"]),
+               "seconds": b.seconds, "cpu_seconds": b.cpu_seconds, "eval_bpb": score(b.model, data["eval"]), "tune_bpb": score(b.model, data["tune"]),
                "load": load()}
         if f == 1.0:
             row["val_bpb"] = score(b.model, data["val"])
@@ -406,7 +419,7 @@ def main() -> None:
     for s in sizes:
         rs = [r for r in results if r["size"] == s]
         if all("ratios" in r for r in rs):
-            summary[s] = {k: max(r["ratios"][k] for r in rs) for k in ("tokens", "flops", "seconds")}
+            summary[s] = {k: max(r["ratios"][k] for r in rs) for k in rs[0]["ratios"] if all(k in r["ratios"] for r in rs)}
         else:
             summary[s] = None  # some seed never reached the baseline's quality within the budget
     report = {"eval_text": args.eval_text, "ours_set": args.ours_set, "tune_text": args.tune_text, "quick": args.quick, "budget_mult": mult,
@@ -426,7 +439,8 @@ def main() -> None:
               + (f"reached at {r['reached']['fraction']:.2f} of the budget" if r["reached"] else "not reached"))
     print(f"load before {load_before}, after {load()}")
     print("ratios ours/baseline (worst seed): " + "; ".join(
-        f"{s}: " + (f"tokens {v['tokens']:.2f}x flops {v['flops']:.2f}x wall-clock {v['seconds']:.2f}x" if v
+        f"{s}: " + (f"tokens {v['tokens']:.2f}x flops {v['flops']:.2f}x wall-clock {v['seconds']:.2f}x"
+                    + (f" cpu-time {v['cpu_seconds']:.2f}x" if "cpu_seconds" in v else "") if v
                     else "baseline quality not reached") for s, v in summary.items()))
 
 
