@@ -151,9 +151,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-tiny": {
         "model": dict(vocab_size=4096, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=256,
                       tie_embeddings=True),
+        # Two Newton-Schulz iterations, not PyTorch's five: at 2,048 tokens a step they are a large share of the
+        # step's compute (21% at five), and at this size two learn as much per token (docs/benchmarks.md).
         "train": dict(seq_len=256, micro_batch_size=8, max_steps=400, optimizer="muon", lr=3e-3, muon_lr=0.01,
-                      embed_lr=1e-2, warmup_steps=20, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0, eval_every=100,
-                      ckpt_every=100),
+                      muon_ns_steps=2, embed_lr=1e-2, warmup_steps=20, schedule="wsd", decay_frac=0.3, min_lr_ratio=0.0,
+                      eval_every=100, ckpt_every=100),
         "data": dict(vocab_size=4096, split_chars=1200),
     },
     # A model small enough for unit tests: seconds on CPU.
