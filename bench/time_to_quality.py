@@ -24,8 +24,9 @@ Newton-Schulz FLOPs per optimizer step (optim.optimizer_flops_per_step). FLOP ra
 machine's load; wall-clock ratios do: in one process the runs follow each other, and with `--cache` each side
 can run as its own process at the same time (then combined by a last call), but a busy shared machine makes
 wall-clock noisy either way. The load average is recorded with every run, and so is each run's CPU time: with
-one thread per process (OMP_NUM_THREADS=1) it is the time the run takes on a core of its own, so the CPU-time
-ratio holds across loads where the wall-clock ratio does not.
+one thread per process (OMP_NUM_THREADS=1) it is close to the time the run takes on a core of its own, so the
+CPU-time ratio is steadier across loads than the wall-clock ratio. It is not exact: cache contention inflates it,
+and runs doing the same FLOPs side by side took up to 1.8x apart (docs/benchmarks.md).
 
 The last line printed is the ratios (ours / baseline) per size, and their worst case.
 """
@@ -157,8 +158,8 @@ class Run:
     step: int = 0
     tokens: int = 0
     seconds: float = 0.0  # training wall-clock only (evaluation excluded)
-    # The process's CPU time over the same spans: with one thread (OMP_NUM_THREADS=1) it is what the run takes on a
-    # core of its own, whatever else shares the machine, so runs made at different loads can still be compared.
+    # The process's CPU time over the same spans: with one thread (OMP_NUM_THREADS=1) it is close to what the run
+    # takes on a core of its own, so runs made at different loads compare better than by wall-clock (not exactly).
     cpu_seconds: float = 0.0
 
     @classmethod
