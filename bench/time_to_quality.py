@@ -66,9 +66,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "20m": dict(vocab_size=4096, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=256,
                 tie_embeddings=True),
 }
-# Token budgets: cpu-tiny's 400 steps x 8 rows x 256 tokens; the 20M model gets 2.5x that (~0.1 tokens/param:
-# what this 2-core machine can afford, far below compute-optimal; see docs/benchmarks.md).
-BUDGET = {"tiny": 819_200, "20m": 2_048_000}
+# Token budgets: cpu-tiny's 400 steps x 8 rows x 256 tokens (the speedrun's default); the 20M model gets 100 steps
+# (204,800 tokens, 0.01 tokens/param: far below compute-optimal, but its whole protocol, four baseline rates and
+# ours for two seeds and again at 4x, fits this 2-core machine in a session; a GPU takes --budget-mult 10 and up).
+BUDGET = {"tiny": 819_200, "20m": 204_800}
 # The standard recipe's batch (rows of 256 tokens), warmup share and schedule.
 BASELINE = dict(optimizer="adamw", beta1=0.9, beta2=0.95, weight_decay=0.1, schedule="cosine", min_lr_ratio=0.1,
                 micro_batch_size=8, grad_clip=1.0)
@@ -262,6 +263,11 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
     # No baseline (--baseline-lrs ''): ours alone, e.g. for an ablation compared with a baseline run earlier.
     best = min(sweep, key=lambda s: s["tune_bpb"]) if sweep else {"eval_bpb": -math.inf, "tune_bpb": -math.inf}
     target = best["eval_bpb"]
+    at_edge = at_sweep_edge(sweep, best)
+    if at_edge:
+        log(f"[{size} seed {seed}] WARNING: the kept baseline lr {best['lr']:g} is at the edge of the sweep "
+            f"({', '.join(format(r['lr'], 'g') for r in sweep)}): extend --baseline-lrs past it before trusting the "
+            "ratios")
 
     # -- ours: one stable trunk, a cooldown branch per budget fraction ------------------------------------
     tc = ours_cfg(tc0, budget)
@@ -280,13 +286,20 @@ def run_size(size: str, seed: int, budget: int, lrs: list[float], fractions: lis
            "flops_per_token": per_token, "muon_flops_per_step": per_step,
            "ours_recipe": {**_recipe(tc), **{f"model.{k}": getattr(ours_mcfg, k) for k in RECIPE_MODEL_KEYS}},
            "baseline_sweep": sweep, "baseline_best_lr": best.get("lr"), "target_eval_bpb": target,
-           "baseline": best, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
+           "baseline": best, "baseline_lr_at_edge": at_edge, "ours_branches": branches, "ours_full_budget": full, "reached": reached,
            "reached_tune": reached_tune}
     if reached:
         out["ratios"] = ratios(reached, best)
     if reached_tune:
         out["ratios_tune"] = ratios(reached_tune, best)
     return out
+
+
+def at_sweep_edge(sweep: list[dict], best: dict) -> bool:
+    """Whether the kept rate is the lowest or highest swept (of two or more): then the best rate may lie outside
+    the grid, and the baseline is not tuned yet."""
+    lrs = [r["lr"] for r in sweep]
+    return len(lrs) > 1 and best["lr"] in (min(lrs), max(lrs))
 
 
 def ratios(ours: dict, base: dict) -> dict[str, float]:
@@ -433,8 +446,10 @@ def main() -> None:
     for r in results:
         b, o = r["baseline"], r["ours_full_budget"]
         print(f"{r['size']} seed {r['seed']} ({r['params'] / 1e6:.1f}M params, {r['budget_tokens']:,} tokens): "
-              + (f"baseline lr {r['baseline_best_lr']:g} eval {b['eval_bpb']:.4f} tune {b['tune_bpb']:.4f} "
-                 f"val {b['val_bpb']:.4f} | " if r["baseline_sweep"] else "")
+              + (f"baseline lr {r['baseline_best_lr']:g}"
+                 + (" (AT THE EDGE OF THE SWEEP)" if r["baseline_lr_at_edge"] else "")
+                 + f" eval {b['eval_bpb']:.4f} tune {b['tune_bpb']:.4f} val {b['val_bpb']:.4f} | "
+                 if r["baseline_sweep"] else "")
               + (f"ours full budget eval {o['eval_bpb']:.4f} tune {o['tune_bpb']:.4f} val {o['val_bpb']:.4f} | "
                  if o else "")
               + (f"reached at {r['reached']['fraction']:.2f} of the budget" if r["reached"] else "not reached"))

@@ -71,6 +71,7 @@ def test_a_small_comparison_adds_up_and_the_cache_returns_it(ttq, data, tmp_path
     sweep = out["baseline_sweep"]
     assert [s["lr"] for s in sweep] == [3e-3, 1e-2]
     assert out["baseline"] == min(sweep, key=lambda s: s["tune_bpb"]) and out["target_eval_bpb"] == out["baseline"]["eval_bpb"]
+    assert out["baseline_lr_at_edge"] is True  # of two rates, the kept one is always at an edge
     for s in sweep:
         assert s["tokens"] == budget and s["flops"] == pytest.approx(out["flops_per_token"] * budget)
         assert 0 < s["cpu_seconds"] and all(math.isfinite(s[k]) and s[k] > 0 for k in ("tune_bpb", "eval_bpb", "val_bpb"))
@@ -103,3 +104,10 @@ def test_a_small_comparison_adds_up_and_the_cache_returns_it(ttq, data, tmp_path
     assert all(s.get("cached") for s in again["baseline_sweep"] + again["ours_branches"])
     assert [s["eval_bpb"] for s in again["baseline_sweep"]] == [s["eval_bpb"] for s in sweep]
     assert [b["eval_bpb"] for b in again["ours_branches"]] == [b["eval_bpb"] for b in out["ours_branches"]]
+
+
+def test_a_kept_rate_at_the_edge_of_the_sweep_is_flagged(ttq):
+    sweep = [{"lr": lr} for lr in (1e-3, 2e-3, 4e-3)]
+    assert not ttq.at_sweep_edge(sweep, sweep[1])
+    assert ttq.at_sweep_edge(sweep, sweep[0]) and ttq.at_sweep_edge(sweep, sweep[2])
+    assert not ttq.at_sweep_edge(sweep[:1], sweep[0])  # one rate is a cache-filling call, not a sweep
